@@ -1,0 +1,49 @@
+# dicomnode: the two newcomer commands are `make demo` and `make test` (both create .venv).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := dcmtk dicom3tools dcm2niix orthanc
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint typecheck sysdeps venv bench clean
+
+## Debian packages the node and its tests drive (installed only when missing).
+sysdeps:
+	@if [ ! -x /usr/bin/storescu ] || [ ! -x /usr/bin/dciodvfy ] || [ ! -x /usr/bin/dcm2niix ] \
+	    || [ ! -x /usr/sbin/Orthanc ]; then \
+	  echo "installing $(APT_PACKAGES) (apt-get)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	fi
+
+## The virtual environment: torch==2.13.0 (CPU build) first, so nothing pulls a CUDA torch.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,postgres,ml]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Start a local PACS (Orthanc), the node on config/dicomnode.yaml, send a CT, print a report.
+demo: sysdeps venv
+	$(PY) -m dicomnode.demo
+
+## Lint, type-check and run the test suite (real DCMTK, Orthanc, PostgreSQL, dciodvfy).
+test: sysdeps venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+bench: sysdeps venv
+	$(PY) -m bench.ingest
+
+clean:
+	rm -rf var bench/work .pytest_cache .mypy_cache .ruff_cache

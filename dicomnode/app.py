@@ -1,0 +1,197 @@
+"""The composition root: builds the engine, spool, receiver, scheduler and executor once.
+
+Everything below is injected from here; nothing connects at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import signal
+import socket
+import threading
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode import __version__
+from dicomnode.assemble import Assembler
+from dicomnode.audit.db import make_engine, make_sessionmaker, migrate, transaction
+from dicomnode.audit.events import AuditEventID, Outcome, record_event
+from dicomnode.audit.models import Delivery, DeliveryStatus, NodeRun, utcnow
+from dicomnode.executors import EXECUTORS, Executor
+from dicomnode.jobs import reclaim_expired
+from dicomnode.pipelines import known_pipelines
+from dicomnode.push import Pusher
+from dicomnode.receive import Receiver, serving
+from dicomnode.schedule import Sweeps, build_scheduler, run_soon
+from dicomnode.settings import ConfigError, Settings
+from dicomnode.spool import Spool
+
+__all__ = ["Node", "check_pipelines", "open_database", "patient_secret"]
+
+log = logging.getLogger(__name__)
+
+
+def open_database(settings: Settings, *, upgrade: bool | None = None) -> tuple[Engine, sessionmaker[Session]]:
+    """The engine and session factory for the settings' database (migrated when asked)."""
+    if upgrade is None:
+        upgrade = settings.database.auto_migrate
+    if upgrade:
+        migrate(settings.database_url)
+    engine = make_engine(settings.database_url)
+    return engine, make_sessionmaker(engine)
+
+
+def patient_secret(settings: Settings) -> bytes:
+    """The node's key for patient-id hashes (``<var_dir>/secret.key``, created 0600 once)."""
+    path = settings.var_dir / "secret.key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
+
+
+def check_pipelines(settings: Settings) -> None:
+    """Every pipeline a rule names must be registered; raises :class:`ConfigError` naming it."""
+    known = known_pipelines()
+    for index, rule in enumerate(settings.rules):
+        for j, name in enumerate(rule.pipelines):
+            if name not in known:
+                raise ConfigError(
+                    f"rules.{index}.pipelines.{j}: unknown pipeline {name!r}; known: {sorted(known)}"
+                )
+
+
+def _receiver_process(settings_data: dict[str, Any], index: int) -> None:
+    """An extra receiving process sharing the port (SO_REUSEPORT)."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s recv-{index} %(message)s")
+    settings = Settings.model_validate(settings_data)
+    engine, factory = open_database(settings, upgrade=False)
+    receiver = Receiver(settings=settings, factory=factory, spool=Spool(settings.spool_dir),
+                        patient_secret=patient_secret(settings))
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    with serving(receiver, settings, reuse_port=True):
+        done.wait()
+    engine.dispose()
+
+
+class Node:
+    """A running node: receive, sweeps (completion, leases, delivery) and workers.
+
+    Parameters
+    ----------
+    settings
+        Validated settings.
+    config_sha256
+        Hash of the config file, recorded in ``node_run``.
+    """
+
+    def __init__(self, settings: Settings, *, config_sha256: str = "") -> None:
+        check_pipelines(settings)
+        self.settings = settings
+        self.config_sha256 = config_sha256 or hashlib.sha256(
+            settings.model_dump_json().encode()
+        ).hexdigest()
+        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        self.engine, self.factory = open_database(settings)
+        self.spool = Spool(settings.spool_dir)
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+        self.assembler = Assembler(settings=settings, factory=self.factory)
+        self.pusher = Pusher(settings=settings, factory=self.factory)
+        sweeps = Sweeps()
+        sweeps.add("completion", self.assembler.sweep, settings.schedule.completion_sweep_s)
+        sweeps.add("leases", lambda: reclaim_expired(self.factory),
+                   settings.schedule.dispatch_sweep_s)
+        sweeps.add("delivery", self.pusher.sweep, settings.schedule.delivery_sweep_s)
+        self.scheduler = build_scheduler(sweeps)
+        self.receiver = Receiver(
+            settings=settings, factory=self.factory, spool=self.spool,
+            patient_secret=patient_secret(settings),
+            on_association_closed=lambda: run_soon(self.scheduler, "completion"),
+        )
+        self.executor: Executor = EXECUTORS[settings.executor.kind](settings)
+        self._run_id: int | None = None
+        self._extra_receivers: list[BaseProcess] = []
+
+    def _reconcile(self) -> None:
+        """Start-up reconciliation after a crash or a stop (AUDIT.md)."""
+        removed = self.spool.clean_tmp()
+        requeued = reclaim_expired(self.factory, all_running=True)
+        with transaction(self.factory) as session:
+            crashed = session.execute(
+                select(NodeRun.id).where(NodeRun.stopped_at.is_(None))
+            ).scalars().all()
+            session.execute(update(NodeRun).where(NodeRun.id.in_(crashed)).values(
+                stopped_at=utcnow(), stop_reason="crash detected at next start"))
+            resumed = session.execute(
+                update(Delivery).where(Delivery.status == DeliveryStatus.SENDING)
+                .values(status=DeliveryStatus.RETRY, next_attempt_at=utcnow())
+            ).rowcount  # type: ignore[attr-defined]
+            run = NodeRun(node_ae_title=self.settings.node.ae_title, software_version=__version__,
+                          config_sha256=self.config_sha256, pid=os.getpid())
+            session.add(run)
+            session.flush()
+            self._run_id = run.id
+            record_event(
+                session, "node.started", audit_event_id=AuditEventID.APPLICATION_ACTIVITY,
+                outcome=Outcome.MINOR_FAILURE if crashed else Outcome.SUCCESS,
+                actor=self.settings.node.ae_title,
+                detail={"run_id": run.id, "version": __version__, "crashed_runs": list(crashed),
+                        "tmp_removed": removed, "jobs_requeued": requeued,
+                        "deliveries_resumed": resumed, "host": socket.gethostname()},
+            )
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set, then shut down in order (stop accepting first)."""
+        self._reconcile()
+        self.executor.start()
+        self.scheduler.start()
+        reuse = self.settings.node.receive_processes > 1
+        if reuse:
+            ctx = mp.get_context("spawn")
+            data = self.settings.model_dump(mode="json")
+            for i in range(1, self.settings.node.receive_processes):
+                proc = ctx.Process(target=_receiver_process, args=(data, i), daemon=True)
+                proc.start()
+                self._extra_receivers.append(proc)
+        try:
+            with serving(self.receiver, self.settings, reuse_port=reuse):
+                log.info("dicomnode %s listening on %s:%s as %s", __version__,
+                         self.settings.node.host, self.settings.node.port,
+                         self.settings.node.ae_title)
+                print(f"listening on {self.settings.node.host}:{self.settings.node.port} "
+                      f"as {self.settings.node.ae_title}", flush=True)
+                stop.wait()
+        finally:
+            for extra in self._extra_receivers:
+                if extra.pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(extra.pid, signal.SIGTERM)
+            for extra in self._extra_receivers:
+                extra.join(60)
+            self.scheduler.shutdown(wait=True)
+            self.executor.stop()
+            with transaction(self.factory) as session:
+                session.execute(update(NodeRun).where(NodeRun.id == self._run_id).values(
+                    stopped_at=utcnow(), stop_reason="signal"))
+                record_event(session, "node.stopped",
+                             audit_event_id=AuditEventID.APPLICATION_ACTIVITY,
+                             actor=self.settings.node.ae_title, detail={"run_id": self._run_id})
+            self.engine.dispose()
+
+
+def config_sha256(path: Path | None) -> str:
+    """sha256 of a config file's bytes ('' for the embedded defaults)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path else ""

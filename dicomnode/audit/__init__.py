@@ -1,0 +1,1 @@
+"""The audit trail: models, engine, and the append-only event log."""

@@ -1,0 +1,54 @@
+"""What a pipeline receives and returns inside a worker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["JobContext", "OutputFile", "PipelineRefusal", "RunFunction"]
+
+
+class PipelineRefusal(Exception):
+    """The input cannot be handled (tilted, gapped, mixed, wrong units...): not retried.
+
+    The message is recorded as the job's error detail; it must not contain PHI.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputFile:
+    """One DICOM file a pipeline wrote."""
+
+    kind: str  # "SEG", "PT", "CT"
+    index: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    path: Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobContext:
+    """Everything a pipeline run needs; built by the worker from the job row."""
+
+    job_id: int
+    pipeline: str
+    pipeline_version: str
+    series_instance_uid: str
+    input_files: tuple[Path, ...]
+    output_dir: Path
+    device: str
+    series_number: int
+    series_description_prefix: str
+    seg_type: str = "BINARY"
+    options: dict[str, object] = field(default_factory=dict)
+    progress: Callable[[float], None] = field(default=lambda _f: None)
+
+
+RunFunction = Callable[[JobContext], list[OutputFile]]

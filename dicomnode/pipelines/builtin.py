@@ -1,0 +1,13 @@
+"""The pipelines that ship with dicomnode."""
+
+from dicomnode.pipelines import PipelineSpec, register
+
+register(
+    PipelineSpec(
+        name="ct-tissue",
+        version="1.0.0",
+        entry_point="dicomnode.pipelines.ct_tissue:run",
+        modalities=("CT",),
+        description="Weight-free CT tissue and district segmentation (HU thresholds, morphology)",
+    )
+)

@@ -1,0 +1,334 @@
+"""The node's settings: one YAML file, validated by pydantic v2.
+
+Every default lives here and nowhere else. Unknown keys are errors (``extra="forbid"``), so a
+misspelt key in an admin's YAML fails loudly with its path instead of being silently ignored.
+Settings are passed down from :mod:`dicomnode.app`; nothing reads them from a global.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+__all__ = [
+    "AllowedPeer",
+    "CompletionPolicy",
+    "ConfigError",
+    "Destination",
+    "MatchCondition",
+    "Rule",
+    "Settings",
+    "load_settings",
+]
+
+AE_TITLE = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConfigError(ValueError):
+    """A settings file that cannot be used; the message names the key and the reason."""
+
+
+class AllowedPeer(_Model):
+    """One peer allowed to open associations (AE title and, optionally, its host)."""
+
+    ae_title: AE_TITLE = Field(description="Calling AE title of the peer.")
+    host: str | None = Field(
+        default=None, description="IP address the peer connects from; any host when omitted."
+    )
+
+
+class NodeSettings(_Model):
+    """The DICOM application entity this node presents."""
+
+    ae_title: AE_TITLE = Field(default="DICOMNODE", description="Called AE title of this node.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to listen on. 127.0.0.1 accepts only local peers; use 0.0.0.0 "
+        "to accept the hospital network.",
+    )
+    port: int = Field(default=11112, ge=1, le=65535, description="TCP port to listen on.")
+    receive_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Receiving processes sharing the port (SO_REUSEPORT). More than one spreads "
+        "parallel associations over cores.",
+    )
+    max_pdu: int = Field(default=0, ge=0, description="Maximum PDU size offered; 0 = unlimited.")
+    network_timeout_s: float = Field(default=60.0, gt=0, description="Idle network timeout.")
+    allowed_peers: list[AllowedPeer] = Field(
+        default_factory=list,
+        description="Peers allowed to associate. Empty: any peer is accepted.",
+    )
+
+
+class DatabaseSettings(_Model):
+    """Where the audit trail and the job queue live."""
+
+    url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL. Default: SQLite at <var_dir>/dicomnode.sqlite. Production: "
+        "postgresql+psycopg://user@host/dbname",
+    )
+    auto_migrate: bool = Field(
+        default=True, description="Apply pending migrations when the node starts."
+    )
+
+
+class CompletionPolicy(_Model):
+    """When a series counts as complete."""
+
+    quiet_period_s: float = Field(
+        default=30.0, gt=0, description="Complete after this long without a new instance."
+    )
+    on_association_close: bool = Field(
+        default=True,
+        description="Complete as soon as every association that sent the series has closed "
+        "and the content checks pass, without waiting for the quiet period.",
+    )
+    require_contiguous: bool = Field(
+        default=True,
+        description="Content check: axial image positions form one evenly spaced stack and "
+        "the count matches ImagesInAcquisition / NumberOfSlices when the headers give it.",
+    )
+    max_wait_s: float = Field(
+        default=600.0, gt=0, description="Complete (with the reason) at the latest this long after "
+        "the first instance, whatever the checks say.",
+    )
+
+
+class MatchCondition(_Model):
+    """One condition on a DICOM keyword: exactly one of the operators."""
+
+    equals: str | float | None = None
+    one_of: list[str | float] | None = None
+    regex: str | None = None
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _one_operator(self) -> MatchCondition:
+        used = [k for k in ("equals", "one_of", "regex") if getattr(self, k) is not None]
+        ranged = self.min is not None or self.max is not None
+        if len(used) + int(ranged) != 1:
+            raise ValueError("give exactly one of equals, one_of, regex, or min/max")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from exc
+        return self
+
+
+class Rule(_Model):
+    """A declarative routing rule: which complete series go to which pipelines and destinations."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    match: dict[str, MatchCondition] = Field(
+        default_factory=dict,
+        description="DICOM keyword -> condition; all must hold. Empty matches every series.",
+    )
+    calling_ae: list[str] = Field(
+        default_factory=list, description="Only series sent by these AE titles; empty: any."
+    )
+    pipelines: list[str] = Field(default_factory=list, description="Pipelines to run.")
+    destinations: list[str] = Field(
+        default_factory=list,
+        description="Destination names to send results to; 'CALLING_AE' sends back to the "
+        "sender if it is also listed in destinations by AE title.",
+    )
+    completion: CompletionPolicy | None = Field(
+        default=None, description="Overrides the default completion policy for this rule."
+    )
+
+    @field_validator("match")
+    @classmethod
+    def _known_keywords(cls, value: dict[str, MatchCondition]) -> dict[str, MatchCondition]:
+        for keyword in value:
+            if tag_for_keyword(keyword) is None:
+                raise ValueError(f"{keyword!r} is not a DICOM keyword")
+            if dictionary_VR(keyword) == "SQ":
+                raise ValueError(f"{keyword!r} is a sequence; rules match single values")
+        return value
+
+
+class Destination(_Model):
+    """A DICOM peer results are pushed to."""
+
+    ae_title: AE_TITLE
+    host: str
+    port: int = Field(ge=1, le=65535)
+    seg_type: Literal["BINARY", "LABELMAP"] = Field(
+        default="BINARY", description="SEG flavour; BINARY is read by most viewers."
+    )
+
+
+class ExecutorSettings(_Model):
+    """How jobs are run."""
+
+    kind: Literal["local"] = "local"
+    workers: int = Field(default=1, ge=0, le=64, description="Worker processes; 0 runs none.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    lease_s: float = Field(default=300.0, gt=0, description="A worker's claim on a job expires "
+                           "after this long without a heartbeat; the job is then re-queued.")
+    max_attempts: int = Field(default=3, ge=1)
+    poll_interval_s: float = Field(default=0.5, gt=0)
+
+
+class PushSettings(_Model):
+    """Delivery of results: retries and backoff."""
+
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_initial_s: float = Field(default=2.0, gt=0)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    batch_size: int = Field(default=500, ge=1, description="Instances per association.")
+
+
+class ScheduleSettings(_Model):
+    """Periodic sweeps (one APScheduler instance per node)."""
+
+    completion_sweep_s: float = Field(default=0.5, gt=0)
+    dispatch_sweep_s: float = Field(default=5.0, gt=0, description="Lease reclaim period.")
+    delivery_sweep_s: float = Field(default=1.0, gt=0)
+
+
+class OutputSettings(_Model):
+    """How results are labelled."""
+
+    series_number_offset: int = Field(
+        default=9000, ge=0, description="Result series numbers start here (+ pipeline index)."
+    )
+    series_description_prefix: str = Field(default="AI ", max_length=20)
+
+
+class Settings(_Model):
+    """Everything a node needs; the top level of the YAML file."""
+
+    var_dir: Path = Field(
+        default=Path("./var"),
+        description="Spool, outputs and the default SQLite database live here (relative to the "
+        "working directory).",
+    )
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    completion: CompletionPolicy = Field(default_factory=CompletionPolicy)
+    rules: list[Rule] = Field(default_factory=list)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+    push: PushSettings = Field(default_factory=PushSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> Settings:
+        names = set()
+        for index, rule in enumerate(self.rules):
+            if rule.name in names:
+                raise ValueError(f"rules.{index}.name: duplicate rule name {rule.name!r}")
+            names.add(rule.name)
+            for dest in rule.destinations:
+                if dest != "CALLING_AE" and dest not in self.destinations:
+                    raise ValueError(
+                        f"rules.{index}.destinations: {dest!r} is not a configured destination"
+                    )
+        return self
+
+    # Derived locations (not settings of their own, so they cannot disagree).
+    @property
+    def spool_dir(self) -> Path:
+        """Received instances: ``<var_dir>/spool/<study>/<series>/<sop>.dcm``."""
+        return self.var_dir / "spool"
+
+    @property
+    def output_dir(self) -> Path:
+        """Written results: ``<var_dir>/outputs/<job id>/``."""
+        return self.var_dir / "outputs"
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL in force."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.var_dir / 'dicomnode.sqlite').resolve()}"
+
+    def completion_for(self, rule_names: list[str]) -> CompletionPolicy:
+        """The completion policy of the first named rule that overrides it, else the default."""
+        for rule in self.rules:
+            if rule.name in rule_names and rule.completion is not None:
+                return rule.completion
+        return self.completion
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt?)"
+        lines.append(f"{path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_settings(data: Any, *, source: str = "<settings>") -> Settings:
+    """Validate a mapping (the parsed YAML) into :class:`Settings`.
+
+    Raises
+    ------
+    ConfigError
+        With one line per problem, each naming the key path.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}:\n{_format_error(exc)}") from None
+
+
+def load_settings(path: Path | str | None) -> Settings:
+    """Read and validate a YAML settings file; ``None`` gives the embedded defaults.
+
+    Parameters
+    ----------
+    path
+        The YAML file, or ``None`` for ``config/dicomnode.yaml`` shipped with the project.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, is not YAML, or fails validation (naming the key).
+    """
+    if path is None:
+        path = default_config_path()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_settings(data, source=str(path))
+
+
+def default_config_path() -> Path:
+    """The embedded default configuration, ``config/dicomnode.yaml`` in the project."""
+    return Path(__file__).resolve().parent.parent / "config" / "dicomnode.yaml"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the settings file, for editors."""
+    return Settings.model_json_schema()
