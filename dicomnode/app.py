@@ -115,6 +115,7 @@ class Node:
         sweeps.add("leases", lambda: reclaim_expired(self.factory),
                    settings.schedule.dispatch_sweep_s)
         sweeps.add("delivery", self.pusher.sweep, settings.schedule.delivery_sweep_s)
+        sweeps.add("workers", lambda: self.executor.supervise(), settings.schedule.dispatch_sweep_s)
         self.scheduler = build_scheduler(sweeps)
         self.receiver = Receiver(
             settings=settings, factory=self.factory, spool=self.spool,

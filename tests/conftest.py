@@ -118,6 +118,7 @@ class NodeProcess:
 
     def start(self, *, timeout: float = 60.0) -> NodeProcess:
         env = {**os.environ, "DICOMNODE_PLUGINS": "tests.plugins", "PYTHONPATH": str(ROOT)}
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(self.config_path)],
@@ -127,7 +128,7 @@ class NodeProcess:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"node exited: {self.log_path.read_text()[-3000:]}")
-            return f"listening on 127.0.0.1:{self.port}" in self.log_path.read_text()
+            return f"listening on 127.0.0.1:{self.port}" in self.log_path.read_text()[offset:]
 
         wait_for(up, timeout=timeout, interval=0.2)
         return self

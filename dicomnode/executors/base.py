@@ -21,6 +21,10 @@ class Executor(abc.ABC):
     def stop(self, *, timeout_s: float = 30.0) -> None:
         """Stop taking jobs; let a running job finish within ``timeout_s`` if it can."""
 
+    def supervise(self) -> int:
+        """Periodic health check (restart what died); returns how many were restarted."""
+        return 0
+
     @abc.abstractmethod
     def alive(self) -> int:
         """How many workers are running."""

@@ -22,7 +22,7 @@ __all__ = ["LocalExecutor"]
 log = logging.getLogger(__name__)
 
 
-def _worker_main(settings_data: dict[str, Any], index: int, stop: Any) -> None:
+def _worker_main(settings_data: dict[str, Any], index: int, stop: Any, parent: int) -> None:
     from dicomnode.audit.db import make_engine, make_sessionmaker
     from dicomnode.executors.worker import work_loop
 
@@ -31,7 +31,8 @@ def _worker_main(settings_data: dict[str, Any], index: int, stop: Any) -> None:
     engine = make_engine(settings.database_url)
     owner = f"{socket.gethostname()}:{os.getpid()}:w{index}"
     try:
-        work_loop(settings=settings, factory=make_sessionmaker(engine), owner=owner, stop=stop)
+        work_loop(settings=settings, factory=make_sessionmaker(engine), owner=owner, stop=stop,
+                  parent_pid=parent)
     finally:
         engine.dispose()
 
@@ -45,15 +46,30 @@ class LocalExecutor(Executor):
         self._stop = self._ctx.Event()
         self._procs: list[BaseProcess] = []
 
+    def _spawn(self, index: int) -> BaseProcess:
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(self.settings.model_dump(mode="json"), index, self._stop, os.getpid()),
+            name=f"dicomnode-worker-{index}", daemon=True,
+        )
+        proc.start()
+        return proc
+
     def start(self) -> None:  # noqa: D102
-        data = self.settings.model_dump(mode="json")
-        for index in range(self.settings.executor.workers):
-            proc = self._ctx.Process(
-                target=_worker_main, args=(data, index, self._stop), name=f"dicomnode-worker-{index}",
-                daemon=True,
-            )
-            proc.start()
-            self._procs.append(proc)
+        self._procs = [self._spawn(i) for i in range(self.settings.executor.workers)]
+
+    def supervise(self) -> int:
+        """Replace workers that died (their jobs come back when the lease expires)."""
+        if self._stop.is_set():
+            return 0
+        restarted = 0
+        for index, proc in enumerate(self._procs):
+            if not proc.is_alive():
+                log.warning("worker %s exited with %s; starting a new one", proc.pid,
+                            proc.exitcode)
+                self._procs[index] = self._spawn(index)
+                restarted += 1
+        return restarted
 
     def stop(self, *, timeout_s: float = 30.0) -> None:  # noqa: D102
         self._stop.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -214,10 +215,14 @@ def run_claimed_job(
 
 def work_loop(
     *, settings: Settings, factory: sessionmaker[Session], owner: str, stop: Any,
+    parent_pid: int | None = None,
 ) -> None:
-    """Claim and run jobs until ``stop`` is set."""
+    """Claim and run jobs until ``stop`` is set (or the node process that started us is gone)."""
     device = resolve_device(settings.executor.device)
     while not stop.is_set():
+        if parent_pid is not None and os.getppid() != parent_pid:
+            log.warning("node process %s is gone; worker exiting", parent_pid)
+            return
         job = claim_job(factory, owner=owner, lease_s=settings.executor.lease_s, device=device)
         if job is None:
             stop.wait(settings.executor.poll_interval_s)

@@ -1,0 +1,105 @@
+"""The node as a process: workers run jobs and survive a worker's death; kill -9 loses nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from sqlalchemy import select
+
+from dicomnode.audit.models import EventLog, Instance, Job, JobStatus, Series, SeriesState
+from tests.conftest import storescu, wait_for
+from tests.test_receive import LIDC_UID
+
+
+def test_worker_death_is_reclaimed_and_job_succeeds(make_node, lidc_copy: Path) -> None:
+    node = make_node(
+        executor={"workers": 1, "lease_s": 2, "poll_interval_s": 0.2},
+        schedule={"dispatch_sweep_s": 0.5},
+        rules=[{"name": "ct", "match": {"Modality": {"equals": "CT"}},
+                "pipelines": ["test-crash-once"]}],
+    )
+    assert storescu(lidc_copy, node.port).returncode == 0
+
+    def finished() -> Job | None:
+        with node.session() as s:
+            job = s.execute(select(Job)).scalar_one_or_none()
+            return job if job and job.status in (JobStatus.SUCCEEDED, JobStatus.DEAD) else None
+
+    job = wait_for(finished, timeout=90, interval=0.3)
+    assert job.status == JobStatus.SUCCEEDED
+    assert job.attempts == 2  # the first worker died mid-job; the lease expired; re-run
+    with node.session() as s:
+        events = [e.event_type for e in s.execute(select(EventLog).order_by(EventLog.id)).scalars()]
+        series = s.execute(select(Series)).scalar_one()
+    assert "job.reclaimed" in events and events.count("job.succeeded") == 1
+    assert series.state == SeriesState.DONE
+    inputs = json.loads((node.settings.output_dir / str(job.id) / "inputs.json").read_text())
+    assert len(inputs["files"]) == 133 and inputs["exist"]
+    assert node.stop() == 0
+
+
+def test_kill9_mid_transfer_loses_nothing_and_completes_once(make_node, lidc_copy: Path) -> None:
+    node = make_node(completion={"quiet_period_s": 3})
+    files = sorted(lidc_copy.iterdir())
+    acknowledged: dict[str, Path] = {}
+    killed = threading.Event()
+
+    def sender() -> None:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1",
+                                                               "1.2.840.10008.1.2"])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        for i, f in enumerate(files):
+            if i == 40:
+                node.kill9()
+                killed.set()
+            ds = pydicom.dcmread(f)
+            try:
+                rsp = assoc.send_c_store(ds)
+            except Exception:
+                break
+            if rsp and int(rsp.get("Status", 0xFFFF)) == 0:
+                acknowledged[str(ds.SOPInstanceUID)] = f
+            if not assoc.is_established:
+                break
+        if assoc.is_established:
+            assoc.abort()
+
+    t = threading.Thread(target=sender)
+    t.start()
+    t.join(120)
+    assert killed.is_set() and 30 <= len(acknowledged) <= 41
+    node.start()  # same config, same database and spool
+    with node.session() as s:
+        rows = {r.sop_instance_uid: r for r in s.execute(select(Instance)).scalars()}
+    for uid in acknowledged:
+        assert uid in rows, f"{uid} was acknowledged but is missing after kill -9"
+        data = (node.settings.spool_dir / rows[uid].path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == rows[uid].sha256
+        assert pydicom.dcmread(node.settings.spool_dir / rows[uid].path).SOPInstanceUID == uid
+    # the modality retries the whole series
+    assert storescu(lidc_copy, node.port).returncode == 0
+
+    def completed() -> Series | None:
+        with node.session() as s:
+            series = s.execute(select(Series).where(Series.series_instance_uid == LIDC_UID)
+                               ).scalar_one()
+            return series if series.state != SeriesState.RECEIVING else None
+
+    series = wait_for(completed, timeout=30)
+    assert series.instance_count == 133
+    with node.session() as s:
+        completions = s.execute(select(EventLog).where(EventLog.event_type == "series.completed")
+                                ).scalars().all()
+        jobs = s.execute(select(Job)).scalars().all()
+        started = s.execute(select(EventLog).where(EventLog.event_type == "node.started")
+                            ).scalars().all()
+    assert len(completions) == 1 and len(jobs) == 1
+    assert started[-1].detail["crashed_runs"]  # the crash was detected at the restart
+    assert node.stop() == 0
