@@ -304,6 +304,42 @@ def echo(host: str, port: int, called_aet: str) -> None:
     click.echo("C-ECHO ok")
 
 
+@main.command("run")
+@CONFIG_OPTION
+@click.argument("pipeline")
+@click.option("--input", "input_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--preview", is_flag=True, help="Also write PNG previews next to the outputs.")
+@click.option("--seg-type", type=click.Choice(["BINARY", "LABELMAP"]), default="BINARY")
+@click.option("--resample", is_flag=True,
+              help="Resample tilted or unevenly spaced series instead of refusing them.")
+def run_offline(config_path: Path | None, pipeline: str, input_dir: Path, output_dir: Path,
+                preview: bool, seg_type: str, resample: bool) -> None:
+    """Run PIPELINE on each series under INPUT, writing DICOM to OUTPUT (no node needed)."""
+    from dicomnode.offline import run_folder
+    from dicomnode.pipelines import PipelineRefusal
+
+    settings = _settings(config_path)
+    try:
+        results = run_folder(settings, pipeline=pipeline, input_dir=input_dir,
+                             output_dir=output_dir, preview=preview, seg_type=seg_type,
+                             resample=resample)
+    except KeyError as exc:
+        raise click.ClickException(str(exc)) from None
+    refused = 0
+    for series_uid, outcome in results.items():
+        if isinstance(outcome, PipelineRefusal):
+            refused += 1
+            click.echo(f"series {series_uid}: REFUSED {outcome.code}: {outcome.reason}")
+            continue
+        click.echo(f"series {series_uid}: {len(outcome)} files")
+        for path in outcome:
+            click.echo(f"  {path}")
+    if refused:
+        sys.exit(2)
+
+
 @main.command()
 @CONFIG_OPTION
 @click.option("--id", "ids", multiple=True, type=int, help="Only these delivery ids.")

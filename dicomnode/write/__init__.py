@@ -1,0 +1,1 @@
+"""Results -> DICOM: SEG (highdicom), derived PET and derived CT (pydicom)."""
