@@ -198,7 +198,7 @@ class ScheduleSettings(_Model):
 
     completion_sweep_s: float = Field(default=0.5, gt=0)
     dispatch_sweep_s: float = Field(default=5.0, gt=0, description="Lease reclaim period.")
-    delivery_sweep_s: float = Field(default=1.0, gt=0)
+    delivery_sweep_s: float = Field(default=0.5, gt=0)
 
 
 class OutputSettings(_Model):
@@ -208,6 +208,9 @@ class OutputSettings(_Model):
         default=9000, ge=0, description="Result series numbers start here (+ pipeline index)."
     )
     series_description_prefix: str = Field(default="AI ", max_length=20)
+    previews: bool = Field(
+        default=True, description="Write PNG previews (axial + coronal) next to each job's "
+        "outputs, for a quick look without a viewer.")
 
 
 class Settings(_Model):

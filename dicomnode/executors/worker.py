@@ -167,6 +167,7 @@ def run_claimed_job(
         series_number=_series_number(settings, job.pipeline),
         series_description_prefix=settings.output.series_description_prefix,
         seg_type=seg_type,
+        options={"preview": settings.output.previews},
         progress=lambda f: progress.__setitem__("value", float(f)),
     )
     timings["load_inputs_s"] = time.perf_counter() - t0
@@ -174,6 +175,7 @@ def run_claimed_job(
         t1 = time.perf_counter()
         outputs = get_pipeline(job.pipeline).load()(ctx)
         timings["pipeline_s"] = time.perf_counter() - t1
+        timings.update({f"pipeline.{k}": v for k, v in ctx.timings.items()})
     except PipelineRefusal as refusal:
         stop.set()
         with transaction(factory) as session:

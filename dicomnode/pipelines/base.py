@@ -49,6 +49,7 @@ class JobContext:
     seg_type: str = "BINARY"
     options: dict[str, object] = field(default_factory=dict)
     progress: Callable[[float], None] = field(default=lambda _f: None)
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds, filled by run
 
 
 RunFunction = Callable[[JobContext], list[OutputFile]]

@@ -8,6 +8,7 @@ bone >= 200 HU (tissue classes on 3x3 in-plane smoothed HU), lung = air enclosed
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,11 +176,14 @@ def districts(body: np.ndarray, volume: SeriesVolume) -> dict[str, np.ndarray]:
 
 def run(ctx: JobContext) -> list[OutputFile]:
     """The job: read the CT series, segment it, write one SEG."""
+    t0 = time.perf_counter()
     volume = load_series(list(ctx.input_files), modality="CT",
                          resample=bool(ctx.options.get("resample", False)))
     ctx.progress(0.2)
+    t1 = time.perf_counter()
     result = segment_tissue(volume)
     ctx.progress(0.7)
+    t2 = time.perf_counter()
     keys = [k for k in SEGMENTS if result.masks[k].any()]
     if ctx.seg_type == "LABELMAP":
         keys = [k for k in keys if k in TISSUE_KEYS]  # a label map cannot hold overlaps
@@ -194,6 +198,8 @@ def run(ctx: JobContext) -> list[OutputFile]:
     seg = build_seg(volume=volume, masks=masks, segments=[SEGMENTS[k] for k in keys],
                     identity=identity, seg_type=ctx.seg_type)
     path = save(seg, ctx.output_dir / f"seg-{identity.sop_instance_uid(0)}.dcm")
+    t3 = time.perf_counter()
+    ctx.timings.update(read_s=t1 - t0, infer_s=t2 - t1, write_s=t3 - t2)
     if ctx.options.get("preview"):
         from dicomnode.preview import seg_preview
 
