@@ -38,7 +38,8 @@ def series_report(session: Session, series_instance_uid: str) -> dict[str, Any]:
     rows = session.execute(
         select(Delivery, Output).join(Output, Output.id == Delivery.output_id)
         .join(Job, Job.id == Output.job_id).where(Job.series_id == series.id)).all()
-    delivered = [d.delivered_at for d, _ in rows if d.status == DeliveryStatus.DELIVERED]
+    delivered = [d.delivered_at for d, _ in rows
+                 if d.status == DeliveryStatus.DELIVERED and d.delivered_at is not None]
     stages: dict[str, float] = {}
     if closed and series.completed_at:
         stages["completion"] = (series.completed_at - closed).total_seconds()
