@@ -110,7 +110,10 @@ class Pusher:
             for ts in sorted(syntaxes - set(UNCOMPRESSED)):
                 contexts.append(build_context(sop_class, [ts]))
             contexts.append(build_context(sop_class, list(UNCOMPRESSED)))
-        ae.requested_contexts = contexts[:128]
+        # Verification too: with one refused SOP class and nothing else, pynetdicom would abort
+        # the association, and a refusal would look like a network error (retried forever)
+        contexts.append(build_context("1.2.840.10008.1.1"))
+        ae.requested_contexts = contexts[-128:]
         with transaction(self.factory) as session:
             arow = Association(direction="out", calling_ae=self.settings.node.ae_title,
                                called_ae=ae_title, peer_host=host[:64], peer_port=port)
