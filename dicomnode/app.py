@@ -72,7 +72,7 @@ def check_pipelines(settings: Settings) -> None:
                 )
 
 
-def _receiver_process(settings_data: dict[str, Any], index: int) -> None:
+def _receiver_process(settings_data: dict[str, Any], index: int, ready: Any) -> None:
     """An extra receiving process sharing the port (SO_REUSEPORT)."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s recv-{index} %(message)s")
     settings = Settings.model_validate(settings_data)
@@ -83,6 +83,7 @@ def _receiver_process(settings_data: dict[str, Any], index: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     with serving(receiver, settings, reuse_port=True):
+        ready.release()
         done.wait()
     engine.dispose()
 
@@ -163,10 +164,14 @@ class Node:
         if reuse:
             ctx = mp.get_context("spawn")
             data = self.settings.model_dump(mode="json")
+            ready = ctx.Semaphore(0)
             for i in range(1, self.settings.node.receive_processes):
-                proc = ctx.Process(target=_receiver_process, args=(data, i), daemon=True)
+                proc = ctx.Process(target=_receiver_process, args=(data, i, ready), daemon=True)
                 proc.start()
                 self._extra_receivers.append(proc)
+            for _ in self._extra_receivers:  # report "listening" only when all of them are
+                if not ready.acquire(timeout=120):
+                    raise RuntimeError("a receiving process did not start")
         try:
             with serving(self.receiver, self.settings, reuse_port=reuse):
                 log.info("dicomnode %s listening on %s:%s as %s", __version__,

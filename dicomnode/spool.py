@@ -2,10 +2,10 @@
 
 Order of operations for one C-STORE (``shared/AUDIT.md``, "Consistency under crashes"):
 
-1. look the SOP Instance UID up; a duplicate is never overwritten;
-2. write the encoded bytes to ``.tmp/<uuid>``, fsync, rename to
-   ``<study>/<series>/<sop>.dcm``, fsync the directory;
-3. one transaction: series upsert and counters, instance row, receipt;
+1. write the encoded bytes to ``.tmp/<uuid>`` and fsync;
+2. one transaction: look the SOP Instance UID up (a duplicate is never overwritten), rename
+   the file to ``<study>/<series>/<sop>.dcm``, fsync the directory, count the instance into
+   its series, insert the instance row and the receipt;
 4. the caller answers 0x0000 only when all of that returned.
 
 No pixel data is decoded here.
@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -34,6 +36,23 @@ from dicomnode.audit.models import Instance, InstanceReceipt, Series, SeriesStat
 __all__ = ["InvalidInstance", "InstanceHeader", "Spool", "StoreAction", "store_instance"]
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+# Hot-path statements, built once: parameters are bound per call, so SQLAlchemy compiles each
+# statement once instead of rebuilding it for every instance (~1.5 ms per instance measured).
+_INSERT_INSTANCE = insert(Instance)
+_INSERT_RECEIPT = insert(InstanceReceipt)
+_FIND_INSTANCE = select(Instance.sha256, Instance.path).where(
+    Instance.sop_instance_uid == bindparam("sop_uid"))
+_COUNT_INTO_SERIES = (
+    update(Series)
+    .where(Series.series_instance_uid == bindparam("series_uid"),
+           Series.state == SeriesState.RECEIVING)
+    .values(instance_count=Series.instance_count + 1,
+            last_received_at=bindparam("now", type_=Series.last_received_at.type),
+            last_association_id=bindparam("assoc_id", type_=Series.last_association_id.type),
+            row_version=Series.row_version + 1)
+    .returning(Series.id, Series.expected_count)
+)
 
 
 class InvalidInstance(ValueError):
@@ -155,10 +174,8 @@ class Spool:
             )
         )
 
-    def write(self, relative: str, data: bytes) -> None:
-        """Write ``data`` to ``relative`` atomically and durably (temp, fsync, rename, fsync dir)."""
-        final = self.root / relative
-        final.parent.mkdir(parents=True, exist_ok=True)
+    def write_tmp(self, data: bytes) -> Path:
+        """Write ``data`` to a new temp file and fsync it; returns its path."""
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb") as fh:
@@ -166,13 +183,23 @@ class Spool:
                 if self.fsync:
                     fh.flush()
                     os.fsync(fh.fileno())
-            os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+        return tmp
+
+    def commit_tmp(self, tmp: Path, relative: str) -> None:
+        """Rename a fsynced temp file to ``relative`` and fsync the directory."""
+        final = self.root / relative
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
         if self.fsync:
             _fsync_dir(final.parent)
+
+    def write(self, relative: str, data: bytes) -> None:
+        """Write ``data`` to ``relative`` atomically and durably (temp, fsync, rename, fsync dir)."""
+        self.commit_tmp(self.write_tmp(data), relative)
 
     def clean_tmp(self) -> int:
         """Remove leftovers of interrupted writes (start-up reconciliation); returns the count."""
@@ -206,9 +233,11 @@ def store_instance(
 ) -> StoreResult:
     """File one received instance durably and record it; raises on any disk or database failure.
 
-    A duplicate with the same sha256 only adds a receipt. A duplicate with different content is
-    kept beside the original under ``conflicts/`` and recorded as a conflict; the original is
-    never overwritten.
+    The bytes are written and fsynced to a temp file first; then, in one transaction, the SOP
+    Instance UID is looked up and either the file is renamed into place (directory fsynced)
+    with its rows, or it is recorded as a duplicate / conflict. A duplicate with the same
+    sha256 only adds a receipt; one with different content is kept under ``conflicts/``; the
+    original is never overwritten.
 
     Returns
     -------
@@ -216,36 +245,27 @@ def store_instance(
         The action taken, the checksum and the stored path (relative to the spool).
     """
     sha = hashlib.sha256(data).hexdigest()
-    with factory() as session:
-        existing = session.execute(
-            select(Instance.sha256, Instance.path).where(
-                Instance.sop_instance_uid == header.sop_instance_uid
-            )
-        ).one_or_none()
-    if existing is not None:
-        return _record_repeat(
-            factory=factory,
-            spool=spool,
-            header=header,
-            data=data,
-            sha=sha,
-            existing_sha=existing.sha256,
-            existing_path=existing.path,
-            association_id=association_id,
-            message_id=message_id,
-        )
-
-    relative = spool.relative_path(header)
-    spool.write(relative, data)
-    now = utcnow()
+    tmp = spool.write_tmp(data)
     try:
-        with transaction(factory) as session:
-            series_id = _upsert_series(
-                session, header=header, calling_ae=calling_ae, association_id=association_id,
-                patient_secret=patient_secret, now=now,
-            )
-            session.add(
-                Instance(
+        try:
+            with transaction(factory) as session:
+                existing = session.execute(
+                    _FIND_INSTANCE, {"sop_uid": header.sop_instance_uid}).one_or_none()
+                if existing is not None:
+                    return _record_repeat(
+                        session, spool=spool, header=header, tmp=tmp, sha=sha,
+                        size=len(data), existing_sha=existing.sha256,
+                        existing_path=existing.path, association_id=association_id,
+                        message_id=message_id,
+                    )
+                relative = spool.relative_path(header)
+                spool.commit_tmp(tmp, relative)
+                now = utcnow()
+                series_id = _upsert_series(
+                    session, header=header, calling_ae=calling_ae,
+                    association_id=association_id, patient_secret=patient_secret, now=now,
+                )
+                session.execute(_INSERT_INSTANCE, dict(
                     sop_instance_uid=header.sop_instance_uid,
                     sop_class_uid=header.sop_class_uid,
                     series_id=series_id,
@@ -259,10 +279,8 @@ def store_instance(
                     position=header.position,
                     orientation=header.orientation,
                     received_at=now,
-                )
-            )
-            session.add(
-                InstanceReceipt(
+                ))
+                session.execute(_INSERT_RECEIPT, dict(
                     association_id=association_id,
                     message_id=message_id,
                     sop_instance_uid=header.sop_instance_uid,
@@ -271,23 +289,25 @@ def store_instance(
                     action=StoreAction.CREATE.value,
                     dimse_status=0,
                     received_at=now,
+                ))
+                return StoreResult(action=StoreAction.CREATE, sha256=sha, path=relative)
+        except IntegrityError:
+            # PostgreSQL: the same SOP Instance UID arrived concurrently on another association
+            # and committed first. Our bytes (if renamed) are the same path: record a repeat.
+            tmp = spool.write_tmp(data) if not tmp.exists() else tmp
+            with transaction(factory) as session:
+                row = session.execute(
+                    select(Instance.sha256, Instance.path).where(
+                        Instance.sop_instance_uid == header.sop_instance_uid
+                    )
+                ).one()
+                return _record_repeat(
+                    session, spool=spool, header=header, tmp=tmp, sha=sha, size=len(data),
+                    existing_sha=row.sha256, existing_path=row.path,
+                    association_id=association_id, message_id=message_id,
                 )
-            )
-    except IntegrityError:
-        # The same SOP Instance UID arrived concurrently on another association and won the
-        # race; our bytes went to the same path, so re-check against the committed row.
-        with factory() as session:
-            row = session.execute(
-                select(Instance.sha256, Instance.path).where(
-                    Instance.sop_instance_uid == header.sop_instance_uid
-                )
-            ).one()
-        return _record_repeat(
-            factory=factory, spool=spool, header=header, data=data, sha=sha,
-            existing_sha=row.sha256, existing_path=row.path,
-            association_id=association_id, message_id=message_id,
-        )
-    return StoreResult(action=StoreAction.CREATE, sha256=sha, path=relative)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _upsert_series(
@@ -299,42 +319,54 @@ def _upsert_series(
     patient_secret: bytes,
     now: object,
 ) -> int:
-    series = session.execute(
-        select(Series).where(Series.series_instance_uid == header.series_instance_uid)
-    ).scalar_one_or_none()
-    if series is None:
-        try:
-            with session.begin_nested():
-                series = Series(
-                    series_instance_uid=header.series_instance_uid,
-                    study_instance_uid=header.study_instance_uid,
-                    patient_key=patient_key(patient_secret, header.patient_id),
-                    modality=header.modality,
-                    calling_ae=calling_ae,
-                    first_received_at=now,
-                    last_received_at=now,
-                    last_association_id=association_id,
-                    instance_count=0,
-                    expected_count=header.expected_count,
-                )
-                session.add(series)
-        except IntegrityError:
-            series = session.execute(
-                select(Series).where(Series.series_instance_uid == header.series_instance_uid)
-            ).scalar_one()
-    reopened = series.state not in (SeriesState.RECEIVING,)
-    values: dict[str, object] = {
+    """Count the instance into its series (one UPDATE on the hot path); returns the series id."""
+    counted = {
         "instance_count": Series.instance_count + 1,
         "last_received_at": now,
         "last_association_id": association_id,
         "row_version": Series.row_version + 1,
     }
-    if reopened:
-        values.update(state=SeriesState.RECEIVING, completion_reason=None, completed_at=None)
-    if header.expected_count and not series.expected_count:
-        values["expected_count"] = header.expected_count
-    session.execute(update(Series).where(Series.id == series.id).values(**values))
-    if reopened:
+    row = session.execute(
+        _COUNT_INTO_SERIES,
+        {"series_uid": header.series_instance_uid, "now": now, "assoc_id": association_id},
+    ).one_or_none()
+    if row is None:
+        current = session.execute(
+            select(Series.id, Series.state).where(
+                Series.series_instance_uid == header.series_instance_uid)
+        ).one_or_none()
+        if current is None:
+            dialect = session.get_bind().dialect.name
+            ins = pg_insert if dialect == "postgresql" else sqlite_insert
+            new_id = session.execute(
+                ins(Series).values(
+                    series_instance_uid=header.series_instance_uid,
+                    study_instance_uid=header.study_instance_uid,
+                    patient_key=patient_key(patient_secret, header.patient_id),
+                    modality=header.modality,
+                    calling_ae=calling_ae,
+                    state=SeriesState.RECEIVING,
+                    first_received_at=now,
+                    last_received_at=now,
+                    last_association_id=association_id,
+                    instance_count=1,
+                    expected_count=header.expected_count,
+                    row_version=1,
+                ).on_conflict_do_nothing(index_elements=["series_instance_uid"])
+                .returning(Series.id)
+            ).scalar_one_or_none()
+            if new_id is not None:
+                return int(new_id)
+            # created concurrently (PostgreSQL): count into it
+            return _upsert_series(session, header=header, calling_ae=calling_ae,
+                                  association_id=association_id,
+                                  patient_secret=patient_secret, now=now)
+        # an instance after completion: reopen the series, with the reason in the log
+        session.execute(
+            update(Series).where(Series.id == current.id)
+            .values(**counted, state=SeriesState.RECEIVING, completion_reason=None,
+                    completed_at=None)
+        )
         record_event(
             session,
             "series.reopened",
@@ -342,18 +374,24 @@ def _upsert_series(
             outcome=Outcome.MINOR_FAILURE,
             actor=calling_ae,
             series_instance_uid=header.series_instance_uid,
-            detail={"previous_state": series.state.value, "reason": "instance after completion"},
+            detail={"previous_state": SeriesState(current.state).value,
+                    "reason": "instance after completion"},
         )
-    return series.id
+        return int(current.id)
+    if header.expected_count and not row.expected_count:
+        session.execute(update(Series).where(Series.id == row.id)
+                        .values(expected_count=header.expected_count))
+    return int(row.id)
 
 
 def _record_repeat(
+    session: Session,
     *,
-    factory: sessionmaker[Session],
     spool: Spool,
     header: InstanceHeader,
-    data: bytes,
+    tmp: Path,
     sha: str,
+    size: int,
     existing_sha: str,
     existing_path: str,
     association_id: int | None,
@@ -364,32 +402,30 @@ def _record_repeat(
     else:
         action = StoreAction.CONFLICT
         path = f"conflicts/{_safe_component(header.sop_instance_uid)}.{sha[:16]}.dcm"
-        spool.write(path, data)
-    with transaction(factory) as session:
-        session.add(
-            InstanceReceipt(
-                association_id=association_id,
-                message_id=message_id,
-                sop_instance_uid=header.sop_instance_uid,
-                sha256=sha,
-                bytes=len(data),
-                action=action.value,
-                dimse_status=0,
-            )
+        spool.commit_tmp(tmp, path)
+    session.execute(_INSERT_RECEIPT, dict(
+        association_id=association_id,
+        message_id=message_id,
+        sop_instance_uid=header.sop_instance_uid,
+        sha256=sha,
+        bytes=size,
+        action=action.value,
+        dimse_status=0,
+        received_at=utcnow(),
+    ))
+    if action is StoreAction.CONFLICT:
+        record_event(
+            session,
+            "instance.conflict",
+            audit_event_id=AuditEventID.IMPORT,
+            outcome=Outcome.MINOR_FAILURE,
+            actor="spool",
+            series_instance_uid=header.series_instance_uid,
+            detail={
+                "sop_instance_uid": header.sop_instance_uid,
+                "kept_sha256": existing_sha,
+                "received_sha256": sha,
+                "conflict_path": path,
+            },
         )
-        if action is StoreAction.CONFLICT:
-            record_event(
-                session,
-                "instance.conflict",
-                audit_event_id=AuditEventID.IMPORT,
-                outcome=Outcome.MINOR_FAILURE,
-                actor="spool",
-                series_instance_uid=header.series_instance_uid,
-                detail={
-                    "sop_instance_uid": header.sop_instance_uid,
-                    "kept_sha256": existing_sha,
-                    "received_sha256": sha,
-                    "conflict_path": path,
-                },
-            )
     return StoreResult(action=action, sha256=sha, path=path)

@@ -5,6 +5,9 @@ Built once in :mod:`dicomnode.app` (or a CLI command) and injected; nothing conn
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +19,34 @@ from sqlalchemy.orm import Session, sessionmaker
 __all__ = ["make_engine", "make_sessionmaker", "transaction", "migrate", "DB_DIR"]
 
 DB_DIR = Path(__file__).resolve().parents[2] / "db"
+
+
+class WriteLock:
+    """Serialises SQLite writers: a thread lock, then ``flock`` on ``<db>.writelock``.
+
+    SQLite's own busy handler sleep-polls (1 ms up to 100 ms per retry), so writers from
+    several threads or receiving processes waste most of their time asleep. Queuing on a
+    kernel file lock wakes the next writer as soon as the previous commit is done.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._thread_lock = threading.Lock()
+        self._path = path
+        self._fd: int | None = None
+        self._pid = -1
+
+    def __enter__(self) -> WriteLock:
+        self._thread_lock.acquire()
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = os.getpid()
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._fd is not None
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
@@ -53,8 +84,13 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # writers (see transaction()) take the write lock at once; readers never block
+            # anyone in WAL mode, so they start a plain deferred transaction
+            write = conn.get_execution_options().get("dicomnode_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
+        if path and path != ":memory:":
+            engine.dicomnode_write_lock = WriteLock(Path(path + ".writelock"))  # type: ignore[attr-defined]
         return engine
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
@@ -66,8 +102,19 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any exception."""
-    with factory() as session, session.begin():
+    """One unit of work that writes: commit on success, roll back on any exception.
+
+    On SQLite it holds the engine's :class:`WriteLock` and uses ``BEGIN IMMEDIATE``; sessions
+    opened directly from the factory are for reading only.
+    """
+    engine = factory.kw.get("bind")
+    lock = getattr(engine, "dicomnode_write_lock", None)
+    if lock is None:
+        with factory() as session, session.begin():
+            yield session
+        return
+    with lock, factory() as session, session.begin():
+        session.connection(execution_options={"dicomnode_write": True})
         yield session
 
 

@@ -1,0 +1,237 @@
+"""bench/ingest: receive throughput of dicomnode against DCMTK storescp and Orthanc.
+
+A generated 300-slice 512x512 CT series is sent with DCMTK's storescu (TCP_NODELAY=1) over 1
+and over 4 parallel associations. Every run starts its receiver with empty storage. dicomnode
+runs with fsync and its audit rows (the real thing), with 1 and with 2 receiving processes.
+The median wall time of several runs and the ratios against storescp and Orthanc go to
+``bench/results/ingest.json``. Also measured: completion latency (sender's association closed
+-> series complete) with the default policy.
+
+Run: ``make bench`` or ``.venv/bin/python -m bench.ingest [--runs N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "work" / "ingest"
+RESULTS = ROOT / "bench" / "results" / "ingest.json"
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"port {port} never opened")
+
+
+def send(parts: list[Path], port: int, aec: str) -> float:
+    """storescu each folder in parallel (one association each); wall seconds until all exit."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(["/usr/bin/storescu", "-aet", "BENCH", "-aec", aec, "+sd", "+sp",
+                               "*.dcm", "127.0.0.1", str(port), str(p)], env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for p in parts]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - t0
+
+
+class StoreSCP:
+    name = "storescp"
+
+    def __init__(self, parallel: int) -> None:
+        self.parallel = parallel
+
+    def start(self, work: Path) -> int:
+        port = free_port()
+        (work / "out").mkdir(parents=True)
+        args = ["/usr/bin/storescp", "-od", str(work / "out")]
+        if self.parallel > 1:
+            args.append("--fork")
+        self.proc = subprocess.Popen([*args, str(port)], env=ENV, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(port)
+        return port
+
+    def aec(self) -> str:
+        return "ANY-SCP"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        subprocess.run(["pkill", "-f", "storescp -od"], check=False)
+
+
+class OrthancTarget:
+    name = "orthanc"
+
+    def start(self, work: Path) -> int:
+        from dicomnode.localpacs import Orthanc
+
+        self.pacs = Orthanc(work / "orthanc", dicom_port=free_port(), http_port=free_port(),
+                            peers=("BENCH",)).start()
+        return self.pacs.dicom_port
+
+    def aec(self) -> str:
+        return "ORTHANC"
+
+    def stop(self) -> None:
+        self.pacs.stop()
+
+
+class NodeTarget:
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self.name = f"dicomnode ({processes} proc)"
+
+    def start(self, work: Path) -> int:
+        port = free_port()
+        self.work = work
+        cfg = {"var_dir": str(work / "var"),
+               "node": {"port": port, "receive_processes": self.processes},
+               "executor": {"workers": 0},
+               "rules": [{"name": "all", "match": {"Modality": {"equals": "CT"}},
+                          "pipelines": ["ct-tissue"]}]}
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        self.log = open(work / "node.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config",
+                                      str(work / "cfg.yaml")], stdout=self.log,
+                                     stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while b"listening on" not in (work / "node.log").read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((work / "node.log").read_text()[-2000:])
+            time.sleep(0.1)
+        return port
+
+    def aec(self) -> str:
+        return "DICOMNODE"
+
+    def completion_latency(self, series_uid: str, closed_at: float) -> float | None:
+        """Seconds from the last storescu exit to the series row's completed_at."""
+        from sqlalchemy import select
+
+        from dicomnode.audit.db import make_engine, make_sessionmaker
+        from dicomnode.audit.models import Association, Series
+
+        engine = make_engine(f"sqlite:///{(self.work / 'var' / 'dicomnode.sqlite').resolve()}")
+        factory = make_sessionmaker(engine)
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                with factory() as s:
+                    row = s.execute(select(Series).where(
+                        Series.series_instance_uid == series_uid)).scalar_one_or_none()
+                    ended = s.execute(select(Association.ended_at).where(
+                        Association.direction == "in").order_by(Association.ended_at.desc())
+                    ).scalars().first()
+                if row is not None and row.completed_at is not None and ended is not None:
+                    return (row.completed_at - ended).total_seconds()
+                time.sleep(0.05)
+        finally:
+            engine.dispose()
+        return None
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=300)
+    args = parser.parse_args()
+    from dicomnode.sample import write_phantom_ct
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    data = WORK / "series"
+    files = write_phantom_ct(data, slices=args.slices, size=512)
+    import pydicom
+
+    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    splits = WORK / "split4"
+    for i, f in enumerate(files):
+        d = splits / str(i % 4)
+        d.mkdir(parents=True, exist_ok=True)
+        os.link(f, d / f.name)
+    layouts = {1: [data], 4: sorted(p for p in splits.iterdir())}
+    results: dict[str, dict[str, object]] = {}
+    latencies: list[float] = []
+    for parallel, parts in layouts.items():
+        targets = [StoreSCP(parallel), OrthancTarget(), NodeTarget(1)]
+        if parallel > 1:
+            targets.append(NodeTarget(2))
+        for target in targets:
+            times = []
+            for run in range(args.runs):
+                work = WORK / "runs" / f"{target.name.replace(' ', '_')}-{parallel}-{run}"
+                port = target.start(work)
+                try:
+                    elapsed = send(parts, port, target.aec())
+                    times.append(elapsed)
+                    if isinstance(target, NodeTarget) and parallel == 1:
+                        lat = target.completion_latency(series_uid, time.perf_counter())
+                        if lat is not None:
+                            latencies.append(lat)
+                finally:
+                    target.stop()
+                shutil.rmtree(work, ignore_errors=True)
+            results[f"{target.name} x{parallel}"] = {
+                "median_s": statistics.median(times), "runs_s": times}
+            print(f"{target.name:20} {parallel} assoc: median {statistics.median(times):.2f} s "
+                  f"{[round(t, 2) for t in times]}", flush=True)
+    ratios = {}
+    for parallel in layouts:
+        orth = results[f"orthanc x{parallel}"]["median_s"]
+        scp = results[f"storescp x{parallel}"]["median_s"]
+        for key, value in results.items():
+            if key.startswith("dicomnode") and key.endswith(f"x{parallel}"):
+                ratios[key] = {"vs_orthanc": value["median_s"] / orth,  # type: ignore[operator]
+                               "vs_storescp": value["median_s"] / scp}  # type: ignore[operator]
+    out = {
+        "benchmark": "ingest", "slices": args.slices, "matrix": 512, "runs": args.runs,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "median_seconds": {k: v["median_s"] for k, v in results.items()},
+        "runs_seconds": {k: v["runs_s"] for k, v in results.items()},
+        "ratios": ratios,
+        "completion_latency_s": {"runs": latencies,
+                                 "median": statistics.median(latencies) if latencies else None},
+        "command": "python -m bench.ingest --runs %d" % args.runs,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out["ratios"], indent=2))
+    print(f"completion latency: {out['completion_latency_s']}")
+
+
+if __name__ == "__main__":
+    main()
