@@ -225,7 +225,7 @@ def main() -> None:
         "ratios": ratios,
         "completion_latency_s": {"runs": latencies,
                                  "median": statistics.median(latencies) if latencies else None},
-        "command": "python -m bench.ingest --runs %d" % args.runs,
+        "command": f"python -m bench.ingest --runs {args.runs}",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2))
