@@ -42,23 +42,34 @@ class SegmentSpec:
 def build_seg(
     *,
     volume: SeriesVolume,
-    masks: np.ndarray,
     segments: list[SegmentSpec],
     identity: OutputIdentity,
+    masks: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
     seg_type: str = "BINARY",
 ) -> hd.seg.Segmentation:
-    """Build a SEG over ``volume`` from boolean ``masks`` shaped (slices, rows, cols, segments).
+    """Build a SEG over ``volume``.
 
-    For LABELMAP the segments must not overlap (a ``ValueError`` says so otherwise).
+    Give either ``masks``, boolean (slices, rows, cols, segments), which may overlap, or
+    ``labels``, an integer label map (slices, rows, cols) with 0 as background and segment i
+    as value i (no overlap; far less memory for many segments: 117 segments on 300 x 512 x 512
+    are 9.2 GB as a boolean stack and 157 MB as a uint16 label map). LABELMAP needs
+    non-overlapping segments.
 
     Raises
     ------
     ValueError
-        Mask shape does not match the volume or the segment list; overlap in LABELMAP.
+        Neither or both of masks / labels; shapes that do not fit; overlap in LABELMAP.
     """
-    if masks.ndim != 4 or masks.shape[:3] != volume.shape or masks.shape[3] != len(segments):
+    if (masks is None) == (labels is None):
+        raise ValueError("give exactly one of masks and labels")
+    if masks is not None and (masks.ndim != 4 or masks.shape[:3] != volume.shape
+                              or masks.shape[3] != len(segments)):
         raise ValueError(f"masks shape {masks.shape} does not fit volume {volume.shape} and "
                          f"{len(segments)} segments")
+    if labels is not None and (labels.shape != volume.shape or labels.max() > len(segments)):
+        raise ValueError(f"labels shape {labels.shape} / max {labels.max()} do not fit volume "
+                         f"{volume.shape} and {len(segments)} segments")
     algorithm = hd.AlgorithmIdentificationSequence(
         name=(identity.model_name or identity.pipeline)[:64],
         family=codes.cid7162.ArtificialIntelligence,
@@ -77,17 +88,22 @@ def build_seg(
         )
         for i, spec in enumerate(segments)
     ]
+    dtype = np.uint16 if len(segments) > 255 else np.uint8
     if seg_type == "LABELMAP":
-        if (masks.sum(axis=3) > 1).any():
-            raise ValueError("LABELMAP SEG needs non-overlapping segments")
-        labels = np.zeros(volume.shape, dtype=np.uint16 if len(segments) > 255 else np.uint8)
-        for i in range(len(segments)):
-            labels[masks[..., i]] = i + 1
-        pixels = volume.hd_volume(labels)
+        if labels is None:
+            assert masks is not None
+            if (masks.sum(axis=3) > 1).any():
+                raise ValueError("LABELMAP SEG needs non-overlapping segments")
+            labels = np.zeros(volume.shape, dtype=dtype)
+            for i in range(len(segments)):
+                labels[masks[..., i]] = i + 1
+        pixels = volume.hd_volume(labels.astype(dtype, copy=False))
         seg_kind = hd.seg.SegmentationTypeValues.LABELMAP
         transfer_syntax = "1.2.840.10008.1.2.5"  # RLE lossless: ~100x smaller for label maps
     else:
-        pixels = volume.hd_volume(masks.astype(bool))
+        # a label map goes to highdicom as it is (it splits it per segment itself)
+        data = masks.astype(bool) if masks is not None else labels.astype(dtype, copy=False)  # type: ignore[union-attr]
+        pixels = volume.hd_volume(data)
         seg_kind = hd.seg.SegmentationTypeValues.BINARY
         transfer_syntax = "1.2.840.10008.1.2.1"
     sources = list({id(ds): ds for ds in volume.datasets}.values())
