@@ -51,7 +51,10 @@ def run_folder(
             output_dir=output_dir / series_uid, device="cpu",
             series_number=settings.output.series_number_offset + names.index(spec.name),
             series_description_prefix=settings.output.series_description_prefix,
-            seg_type=seg_type, options={"resample": resample, "preview": preview},
+            seg_type=seg_type,
+            options={"resample": resample, "preview": preview,
+                     "ct_sr": settings.ct_sr.model_dump(),
+                     "models_dir": str(settings.models_path)},
         )
         try:
             outputs = run(ctx)

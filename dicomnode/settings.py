@@ -213,6 +213,22 @@ class OutputSettings(_Model):
         "outputs, for a quick look without a viewer.")
 
 
+class CtSrSettings(_Model):
+    """SR4ZCT (``ct-sr``): network size and training budget per series."""
+
+    train_seconds: float = Field(default=60.0, gt=0, description="Training time per series "
+                                 "(CPU default; a GPU affords more).")
+    max_iterations: int = Field(default=3000, ge=1)
+    width: int = Field(default=16, ge=4, le=256, description="Channels of the 2-D network.")
+    depth: int = Field(default=6, ge=1, le=100, description="Dilated 3x3 layers (the paper "
+                       "uses a 100-layer MS-D network).")
+    patch: int = Field(default=64, ge=16, le=512)
+    batch: int = Field(default=16, ge=1, le=512)
+    target_thickness_mm: float | None = Field(
+        default=None, gt=0, description="Output slice thickness; default the in-plane pixel "
+        "size (isotropic voxels).")
+
+
 class Settings(_Model):
     """Everything a node needs; the top level of the YAML file."""
 
@@ -230,6 +246,10 @@ class Settings(_Model):
     push: PushSettings = Field(default_factory=PushSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
+    ct_sr: CtSrSettings = Field(default_factory=CtSrSettings)
+    models_dir: Path | None = Field(
+        default=None, description="Model directories (manifests, MONAI bundles); default: the "
+        "project's models/ folder.")
 
     @model_validator(mode="after")
     def _references_exist(self) -> Settings:
@@ -255,6 +275,11 @@ class Settings(_Model):
     def output_dir(self) -> Path:
         """Written results: ``<var_dir>/outputs/<job id>/``."""
         return self.var_dir / "outputs"
+
+    @property
+    def models_path(self) -> Path:
+        """Where model directories are looked up."""
+        return self.models_dir or Path(__file__).resolve().parent.parent / "models"
 
     @property
     def database_url(self) -> str:

@@ -11,3 +11,13 @@ register(
         description="Weight-free CT tissue and district segmentation (HU thresholds, morphology)",
     )
 )
+
+register(
+    PipelineSpec(
+        name="ct-sr",
+        version="1.0.0",
+        entry_point="dicomnode.pipelines.ct_sr:run",
+        modalities=("CT",),
+        description="SR4ZCT through-plane super-resolution, self-supervised per series",
+    )
+)
