@@ -61,15 +61,40 @@ def patient_secret(settings: Settings) -> bytes:
     return bytes.fromhex(path.read_text().strip())
 
 
-def check_pipelines(settings: Settings) -> None:
-    """Every pipeline a rule names must be registered; raises :class:`ConfigError` naming it."""
+def check_pipelines(settings: Settings) -> dict[str, str]:
+    """Every pipeline and model a rule names must exist, and every model directory must load.
+
+    Returns
+    -------
+    dict[str, str]
+        Model name -> version.
+
+    Raises
+    ------
+    ConfigError
+        Naming the rule key, or listing the model directories that fail (missing weights,
+        sha256 mismatch, invalid manifest).
+    """
+    from dicomnode.models import scan_models
+
     known = known_pipelines()
+    models, problems = scan_models(settings.models_path)
+    if problems:
+        raise ConfigError("models: " + "; ".join(problems))
     for index, rule in enumerate(settings.rules):
         for j, name in enumerate(rule.pipelines):
             if name not in known:
                 raise ConfigError(
                     f"rules.{index}.pipelines.{j}: unknown pipeline {name!r}; known: {sorted(known)}"
                 )
+        for pipeline, model in rule.models.items():
+            if pipeline not in rule.pipelines:
+                raise ConfigError(f"rules.{index}.models.{pipeline}: not one of the rule's "
+                                  "pipelines")
+            if model not in models:
+                raise ConfigError(f"rules.{index}.models.{pipeline}: unknown model {model!r}; "
+                                  f"known: {sorted(models)}")
+    return {name: entry.manifest.version for name, entry in models.items()}
 
 
 def _receiver_process(settings_data: dict[str, Any], index: int, ready: Any) -> None:
@@ -100,7 +125,7 @@ class Node:
     """
 
     def __init__(self, settings: Settings, *, config_sha256: str = "") -> None:
-        check_pipelines(settings)
+        model_versions = check_pipelines(settings)
         self.settings = settings
         self.config_sha256 = config_sha256 or hashlib.sha256(
             settings.model_dump_json().encode()
@@ -109,7 +134,8 @@ class Node:
         self.engine, self.factory = open_database(settings)
         self.spool = Spool(settings.spool_dir)
         settings.output_dir.mkdir(parents=True, exist_ok=True)
-        self.assembler = Assembler(settings=settings, factory=self.factory)
+        self.assembler = Assembler(settings=settings, factory=self.factory,
+                                   model_versions=model_versions)
         self.pusher = Pusher(settings=settings, factory=self.factory)
         sweeps = Sweeps()
         sweeps.add("completion", self.assembler.sweep, settings.schedule.completion_sweep_s)

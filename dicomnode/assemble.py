@@ -123,9 +123,11 @@ def _first_header(settings: Settings, session: Session, series_id: int) -> pydic
 class Assembler:
     """The completion sweep and routing, bound to the settings and a session factory."""
 
-    def __init__(self, *, settings: Settings, factory: sessionmaker[Session]) -> None:
+    def __init__(self, *, settings: Settings, factory: sessionmaker[Session],
+                 model_versions: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.factory = factory
+        self.model_versions = model_versions or {}
         self._rules_cache: dict[int, list[RuleEvaluation]] = {}
 
     def _evaluations(self, series: Series) -> list[RuleEvaluation]:
@@ -237,11 +239,14 @@ class Assembler:
                 rule = rules[evaluation.rule]
                 for pipeline in rule.pipelines:
                     spec = get_pipeline(pipeline)
+                    model = rule.models.get(pipeline)
                     enqueue_job(
                         session, series=series, rule_name=rule.name, pipeline=pipeline,
                         pipeline_version=spec.version, input_sha256=input_sha,
                         destinations=list(rule.destinations),
                         max_attempts=self.settings.executor.max_attempts,
+                        model_name=model,
+                        model_version=self.model_versions.get(model) if model else None,
                     )
         self._rules_cache.pop(series.id, None)
         return True

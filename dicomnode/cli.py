@@ -304,6 +304,51 @@ def echo(host: str, port: int, called_aet: str) -> None:
     click.echo("C-ECHO ok")
 
 
+@main.group()
+def models() -> None:
+    """The model registry (models/)."""
+
+
+@models.command("list")
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True)
+def models_list(config_path: Path | None, as_json: bool) -> None:
+    """The models found, with version, task, layout and what they were trained on."""
+    from dicomnode.models import scan_models
+
+    settings = _settings(config_path)
+    found, problems = scan_models(settings.models_path)
+    rows = [{"name": n, "version": e.manifest.version, "task": e.manifest.task,
+             "layout": e.layout, "verified": e.verified, "labels": len(e.manifest.labels),
+             "trained_on": e.manifest.trained_on, "path": str(e.path), "notes": list(e.notes)}
+            for n, e in found.items()]
+    if as_json:
+        click.echo(json.dumps({"models": rows, "problems": problems}, indent=2))
+        return
+    click.echo(f"models in {settings.models_path}:")
+    for r in rows:
+        mark = "sha256 ok" if r["verified"] else "UNVERIFIED"
+        click.echo(f"  {r['name']} {r['version']}  {r['task']}  {r['layout']}  {mark}  "
+                   f"trained on: {r['trained_on']}")
+    for p in problems:
+        click.echo(f"  PROBLEM: {p}")
+
+
+@models.command("check")
+@CONFIG_OPTION
+def models_check(config_path: Path | None) -> None:
+    """Exit 1 if any model directory fails (missing weights, sha256 mismatch, bad manifest)."""
+    from dicomnode.models import scan_models
+
+    settings = _settings(config_path)
+    found, problems = scan_models(settings.models_path)
+    for p in problems:
+        click.echo(f"PROBLEM: {p}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{len(found)} models ok")
+
+
 @main.command("run")
 @CONFIG_OPTION
 @click.argument("pipeline")

@@ -49,12 +49,18 @@ def enqueue_job(
     input_sha256: str,
     destinations: list[str],
     max_attempts: int,
+    model_name: str | None = None,
+    model_version: str | None = None,
 ) -> int | None:
-    """Insert a job unless its idempotency key exists; returns the new id or ``None``."""
+    """Insert a job unless its idempotency key exists; returns the new id or ``None``.
+
+    The key covers the model too: a new model version runs the series again.
+    """
     key = idempotency_key(
         series_instance_uid=series.series_instance_uid,
         pipeline=pipeline,
-        pipeline_version=pipeline_version,
+        pipeline_version=pipeline_version
+        + (f"+{model_name}@{model_version}" if model_name else ""),
         input_sha256=input_sha256,
     )
     values = dict(
@@ -63,6 +69,8 @@ def enqueue_job(
         rule_name=rule_name,
         pipeline=pipeline,
         pipeline_version=pipeline_version,
+        model_name=model_name,
+        model_version=model_version,
         input_sha256=input_sha256,
         destinations=destinations,
         status=JobStatus.QUEUED,
@@ -103,6 +111,7 @@ class ClaimedJob:
     series_instance_uid: str
     destinations: tuple[str, ...]
     attempt: int
+    model_name: str | None = None
 
 
 def claim_job(
@@ -147,6 +156,7 @@ def claim_job(
             series_instance_uid=series_uid,
             destinations=tuple(job.destinations),
             attempt=job.attempts,
+            model_name=job.model_name,
         )
 
 

@@ -141,6 +141,9 @@ class Rule(_Model):
         default_factory=list, description="Only series sent by these AE titles; empty: any."
     )
     pipelines: list[str] = Field(default_factory=list, description="Pipelines to run.")
+    models: dict[str, str] = Field(
+        default_factory=dict, description="Pipeline -> model name (a directory under "
+        "models/, see `dicomnode models list`) for pipelines that run a model.")
     destinations: list[str] = Field(
         default_factory=list,
         description="Destination names to send results to; 'CALLING_AE' sends back to the "

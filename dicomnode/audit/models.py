@@ -196,6 +196,8 @@ class Job(Base):
     rule_name: Mapped[str] = mapped_column(String(64))
     pipeline: Mapped[str] = mapped_column(String(64))
     pipeline_version: Mapped[str] = mapped_column(String(32))
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(32))
     input_sha256: Mapped[str] = mapped_column(String(64))
     destinations: Mapped[list[str]] = mapped_column(JSON)
     status: Mapped[JobStatus] = mapped_column(

@@ -167,7 +167,7 @@ def run_claimed_job(
         series_number=_series_number(settings, job.pipeline),
         series_description_prefix=settings.output.series_description_prefix,
         seg_type=seg_type,
-        options={"preview": settings.output.previews,
+        options={"preview": settings.output.previews, "model": job.model_name,
                  "ct_sr": settings.ct_sr.model_dump(),
                  "models_dir": str(settings.models_path)},
         progress=lambda f: progress.__setitem__("value", float(f)),

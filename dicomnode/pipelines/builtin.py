@@ -21,3 +21,13 @@ register(
         description="SR4ZCT through-plane super-resolution, self-supervised per series",
     )
 )
+
+register(
+    PipelineSpec(
+        name="ct-organs",
+        version="1.0.0",
+        entry_point="dicomnode.pipelines.ct_organs:run",
+        modalities=("CT",),
+        description="A segmentation model from models/ (MONAI bundle or manifest) -> SEG",
+    )
+)

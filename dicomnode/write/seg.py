@@ -7,10 +7,12 @@ by its geometry and never paired with ``source_images[i]`` by position in a list
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -37,6 +39,15 @@ class SegmentSpec:
     category: Code
     type: Code
     color: tuple[int, int, int]
+
+
+def _repaired(ds: Dataset) -> Dataset:
+    """A copy of a source header without faults highdicom refuses (an empty
+    SpecificCharacterSet, which means the default repertoire anyway)."""
+    if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+        ds = copy.deepcopy(ds)  # a shallow copy shares the elements with the original
+        del ds.SpecificCharacterSet
+    return ds
 
 
 def build_seg(
@@ -106,7 +117,7 @@ def build_seg(
         pixels = volume.hd_volume(data)
         seg_kind = hd.seg.SegmentationTypeValues.BINARY
         transfer_syntax = "1.2.840.10008.1.2.1"
-    sources = list({id(ds): ds for ds in volume.datasets}.values())
+    sources = [_repaired(ds) for ds in {id(ds): ds for ds in volume.datasets}.values()]
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixels,
