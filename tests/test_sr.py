@@ -88,10 +88,9 @@ def test_sr4zct_beats_linear_on_real_ct(lidc_crop: np.ndarray) -> None:
     assert p_sr > p_lin + 0.5
 
 
-def test_ct_sr_pipeline_writes_thin_series(tmp_path: Path) -> None:
+def make_thick_series(folder: Path, sub: int = 24) -> Path:
+    """A thick-slice acquisition (5 mm slices every 2.5 mm), written as a scanner would."""
     vol = load_series(sorted(LIDC.glob("*.dcm")))
-    sub = 24
-    # a thick-slice acquisition (5 mm slices every 2.5 mm) of 24 positions, as a scanner writes it
     gt = vol.array[40:40 + sub]
     thick = apply_axis(degrade_matrix(sub, 2.5, 0, 5.0, 2.5), gt, 0)
     aff = vol.affine.copy()
@@ -99,11 +98,46 @@ def test_ct_sr_pipeline_writes_thin_series(tmp_path: Path) -> None:
     ident = OutputIdentity(source_series_uid=vol.series_instance_uid, pipeline="make-thick",
                            pipeline_version="1", kind="CT", series_number=3,
                            series_description="thick 5mm")
-    src = tmp_path / "thick"
     for k, ds in enumerate(build_derived_ct(values=thick, affine=aff, source=vol,
                                             identity=ident, description="test input",
                                             slice_thickness=5.0)):
-        save(ds, src / f"{k:03d}.dcm")
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        save(ds, folder / f"{k:03d}.dcm")
+    return folder
+
+
+def test_ct_sr_runs_from_a_rule_in_the_node(make_node, tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from dicomnode.audit.models import Job, JobStatus, Output
+    from tests.conftest import storescu, wait_for
+
+    src = make_thick_series(tmp_path / "thick")
+    node = make_node(rules=[{"name": "thick-ct", "match": {"SliceThickness": {"min": 3}},
+                             "pipelines": ["ct-sr"]}],
+                     executor={"workers": 1, "poll_interval_s": 0.2},
+                     ct_sr={"train_seconds": 5, "max_iterations": 100,
+                            "target_thickness_mm": 1.25})
+    assert storescu(src, node.port).returncode == 0
+
+    def done() -> Job | None:
+        with node.session() as s:
+            job = s.execute(select(Job)).scalar_one_or_none()
+            return job if job and job.status not in (JobStatus.QUEUED, JobStatus.RUNNING) \
+                else None
+
+    job = wait_for(done, timeout=180, interval=0.5)
+    assert job.status == JobStatus.SUCCEEDED, job.error_detail
+    assert job.progress == 1.0 and job.timings["pipeline.iterations"] > 0
+    with node.session() as s:
+        outputs = s.execute(select(Output)).scalars().all()
+    assert len(outputs) > 24 and {o.kind for o in outputs} == {"CT"}
+    assert node.stop() == 0
+
+
+def test_ct_sr_pipeline_writes_thin_series(tmp_path: Path) -> None:
+    src = make_thick_series(tmp_path / "thick")
+    thick = load_series(sorted(src.iterdir())).array
     settings = parse_settings({"ct_sr": {"train_seconds": 8, "max_iterations": 200,
                                          "target_thickness_mm": 1.25}})
     (paths,) = run_folder(settings, pipeline="ct-sr", input_dir=src,

@@ -148,7 +148,8 @@ def run_claimed_job(
     stop = threading.Event()
 
     def beat() -> None:
-        interval = max(0.2, settings.executor.lease_s / 4)
+        # often enough for `dicomnode status` to show progress, well inside the lease
+        interval = max(0.2, min(2.0, settings.executor.lease_s / 4))
         while not stop.wait(interval):
             try:
                 heartbeat(factory, job_id=job.id, owner=owner,
