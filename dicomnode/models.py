@@ -15,7 +15,6 @@ first job.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dicomnode.spool import file_sha256
 
 __all__ = ["LoadedModel", "Manifest", "ModelEntry", "ModelError", "scan_models"]
 
@@ -93,14 +94,6 @@ class ModelEntry:
     notes: tuple[str, ...] = ()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
@@ -169,7 +162,7 @@ def load_entry(path: Path) -> ModelEntry:
         raise ModelError(f"{path}: weights file {manifest.weights} is missing")
     verified = False
     if manifest.sha256:
-        actual = _sha256(weights)
+        actual = file_sha256(weights)
         if actual != manifest.sha256:
             raise ModelError(f"{path}: sha256 of {manifest.weights} is {actual}, the manifest "
                              f"says {manifest.sha256}")

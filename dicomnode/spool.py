@@ -132,6 +132,15 @@ class InstanceHeader:
         )
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _safe_component(uid: str) -> str:
     """A UID as a path component; anything not a well-formed UID is hashed (no ``..`` tricks)."""
     if _UID_RE.match(uid):

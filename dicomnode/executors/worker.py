@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -29,6 +28,7 @@ from dicomnode.audit.models import (
 from dicomnode.jobs import ClaimedJob, claim_job, finish_job, heartbeat
 from dicomnode.pipelines import JobContext, OutputFile, PipelineRefusal, get_pipeline
 from dicomnode.settings import Settings
+from dicomnode.spool import file_sha256
 
 __all__ = ["resolve_device", "run_claimed_job", "work_loop"]
 
@@ -44,14 +44,6 @@ def resolve_device(setting: str) -> str:
     except ImportError:
         return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _series_number(settings: Settings, pipeline: str) -> int:
@@ -80,7 +72,7 @@ def _record_outputs(
             )
             session.add(existing)
         existing.path = rel
-        existing.sha256 = _sha256(Path(out.path))
+        existing.sha256 = file_sha256(Path(out.path))
         existing.bytes = Path(out.path).stat().st_size
         existing.state = OutputState.WRITTEN
         session.flush()
