@@ -166,5 +166,10 @@ class DRMC(nn.Module):
 
     def routing_weights(self) -> list[torch.Tensor]:
         """The routing weights of every bank from the last forward pass."""
-        banks = [b for blk in self.blocks for b in (blk.att, blk.ffn)]  # type: ignore[attr-defined]
-        return [b.last_weights for b in banks if b.last_weights is not None]
+        out: list[torch.Tensor] = []
+        for blk in self.blocks:
+            for bank in (blk.att, blk.ffn):
+                weights = getattr(bank, "last_weights", None)
+                if weights is not None:
+                    out.append(weights)
+        return out
