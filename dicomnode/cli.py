@@ -349,6 +349,54 @@ def models_check(config_path: Path | None) -> None:
     click.echo(f"{len(found)} models ok")
 
 
+@main.group()
+def simulate() -> None:
+    """The PET/CT twin: simulated PET (full and low dose) for training and tests."""
+
+
+@simulate.command("pet")
+@click.option("--ct", "ct_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="CT series folder (default: a generated phantom).")
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--drf", "drfs", multiple=True, type=int, default=(4, 10), show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--dose-mbq", default=300.0, show_default=True)
+def simulate_pet_cmd(ct_dir: Path | None, output_dir: Path, drfs: tuple[int, ...], seed: int,
+                     dose_mbq: float) -> None:
+    """Write CT, full-dose PET, low-dose PET per DRF and a lesion SEG under OUTPUT."""
+    from dicomnode.sample import write_phantom_ct
+    from dicomnode.simulate_io import write_case
+
+    if ct_dir is None:
+        files = write_phantom_ct(output_dir / "phantom-ct", slices=60, size=256)
+    else:
+        files = sorted(p for p in ct_dir.rglob("*") if p.is_file() and p.suffix != ".xml")
+    case = write_case(files, output_dir, drfs=drfs, seed=seed, dose_mbq=dose_mbq)
+    click.echo(f"CT {case.ct}\nfull dose {case.full}")
+    for drf, path in case.low.items():
+        click.echo(f"DRF {drf}: {path}")
+    click.echo(f"lesions {case.lesions}")
+
+
+@simulate.command("lowdose")
+@click.option("--input", "input_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--drf", required=True, type=int)
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True)
+def simulate_lowdose_cmd(input_dir: Path, drf: int, output_dir: Path, seed: int) -> None:
+    """A simulated low-dose version of a real PET series."""
+    from dicomnode.pipelines import PipelineRefusal
+    from dicomnode.simulate_io import lowdose_from_pet
+
+    files = sorted(p for p in input_dir.rglob("*") if p.is_file())
+    try:
+        out = lowdose_from_pet(files, output_dir, drf=drf, seed=seed)
+    except PipelineRefusal as refusal:
+        raise click.ClickException(f"{refusal.code}: {refusal.reason}") from None
+    click.echo(f"low-dose (DRF {drf}) PET written to {out}")
+
+
 @main.command("run")
 @CONFIG_OPTION
 @click.argument("pipeline")

@@ -17,7 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from dicomnode.volume import SeriesVolume
+from dicomnode.volume import SeriesVolume, SUVFactors
 from dicomnode.write.common import (
     OutputIdentity,
     copy_patient_study,
@@ -96,6 +96,21 @@ def _fdg_isotope() -> Sequence:
     return Sequence([item])
 
 
+def _stamp_activity(ds: Dataset, activity: SUVFactors) -> None:
+    """Weight, dose, half-life and injection time so that SUVbw can be computed again."""
+    from datetime import datetime, timedelta
+
+    ds.PatientWeight = f"{activity.weight_kg:.6g}"
+    item = ds.RadiopharmaceuticalInformationSequence[0]
+    item.RadionuclideTotalDose = f"{activity.injected_dose_bq:.6g}"
+    item.RadionuclideHalfLife = f"{activity.half_life_s:.6g}"
+    start = datetime.strptime(str(ds.SeriesDate) + str(ds.SeriesTime).split(".")[0].ljust(6, "0"),
+                              "%Y%m%d%H%M%S") - timedelta(seconds=activity.decay_s)
+    item.RadiopharmaceuticalStartTime = start.strftime("%H%M%S")
+    item.RadiopharmaceuticalStartDateTime = start.strftime("%Y%m%d%H%M%S")
+    ds.DecayCorrection = "START"
+
+
 def build_derived_pet(
     *,
     values: np.ndarray,
@@ -103,6 +118,7 @@ def build_derived_pet(
     identity: OutputIdentity,
     description: str,
     units: str | None = None,
+    activity: SUVFactors | None = None,
 ) -> list[Dataset]:
     """One PET Image Storage data set per slice of ``values`` on ``volume``'s grid.
 
@@ -119,6 +135,10 @@ def build_derived_pet(
         DerivationDescription (what was done, by which model, trained on what).
     units
         Override the Units; default: the source's for PET, GML for a CT source.
+    activity
+        For a CT source whose ``values`` are activity (Bq/ml): write Units BQML with these SUV
+        factors (weight, dose, half-life, injection time = series time - decay time), so that
+        a viewer's SUV tool (and :func:`dicomnode.volume.suv_factors`) gives SUVbw back.
 
     Raises
     ------
@@ -128,7 +148,7 @@ def build_derived_pet(
     if values.shape != volume.shape:
         raise ValueError(f"values {values.shape} do not match the volume {volume.shape}")
     from_pet = volume.modality == "PT"
-    out_units = units or (volume.units if from_pet else "GML")
+    out_units = units or (volume.units if from_pet else ("BQML" if activity else "GML"))
     n = values.shape[0]
     spacing = volume.spacing
     row_dir = volume.affine[:3, 2] / spacing[2]
@@ -167,6 +187,8 @@ def build_derived_pet(
             ds.ReconstructionMethod = "SYNTHETIC (AI)"
             ds.CollimatorType = "NONE"
             ds.RadiopharmaceuticalInformationSequence = _fdg_isotope()
+            if activity is not None:
+                _stamp_activity(ds, activity)
             ds.PatientOrientationCodeSequence = Sequence([])
             ds.PatientGantryRelationshipCodeSequence = Sequence([])
             ds.FrameOfReferenceUID = volume.frame_of_reference_uid

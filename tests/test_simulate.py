@@ -1,0 +1,76 @@
+"""The PET/CT twin: counts, noise, SUV through DICOM, and low dose from a real PET."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+
+from dicomnode.sample import _phantom, write_phantom_ct
+from dicomnode.simulate import simulate_pet, thin_counts
+from dicomnode.simulate_io import nominal_activity, write_case
+from dicomnode.volume import load_series
+from tests.conftest import DATA, ROOT
+from tests.dicomtools import dciodvfy
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def test_thinning_keeps_one_kth_of_the_mean() -> None:
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(50.0, size=200_000).astype(float)
+    for k in (4, 10, 20):
+        assert thin_counts(counts, k, rng).mean() == pytest.approx(counts.mean() / k, rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def twin() -> object:
+    return simulate_pet(_phantom(24, 96), (2.5, 2.8, 2.8), drfs=(4, 10), angles=64, seed=3)
+
+
+def test_noise_grows_with_drf_and_mean_is_kept(twin) -> None:
+    body = twin.truth > 0.2
+    rmse = {1: float(np.sqrt(np.mean((twin.full - twin.truth)[body] ** 2)))}
+    for drf, img in twin.low.items():
+        rmse[drf] = float(np.sqrt(np.mean((img - twin.truth)[body] ** 2)))
+        assert img[body].mean() == pytest.approx(twin.truth[body].mean(), rel=0.05)
+        assert twin.counts[drf] == pytest.approx(twin.counts[1] / drf, rel=0.02)
+    assert rmse[1] < rmse[4] < rmse[10]
+    assert twin.lesions.max() >= 1  # lesions were placed
+
+
+def test_suv_round_trip_through_dicom(tmp_path: Path) -> None:
+    files = write_phantom_ct(tmp_path / "ct", slices=24, size=128)
+    case = write_case(files, tmp_path / "case", drfs=(4,), angles=48)
+    full = load_series(sorted(case.full.iterdir()))
+    assert full.units == "BQML"
+    assert full.suv.factor == pytest.approx(nominal_activity(300.0).factor, rel=1e-6)
+    suv = full.array * full.suv.factor
+    assert np.allclose(suv, np.clip(case.twin.full, 0, None), atol=suv.max() / 65535 + 1e-6)
+    ct = load_series(sorted(case.ct.iterdir()))
+    assert full.frame_of_reference_uid == ct.frame_of_reference_uid
+    first = sorted(case.full.iterdir())[0]
+    errors, _ = dciodvfy(first)
+    assert errors == []
+    seg = hd.seg.segread(case.lesions)
+    assert seg.number_of_segments == int(case.twin.lesions.max())
+    assert "SIMULATED" in str(load_series([first]).datasets[0].SeriesDescription)
+
+
+def test_lowdose_from_a_real_pet(tmp_path: Path) -> None:
+    src = DATA / "pet" / "philips-gemini-ctac"
+    r = subprocess.run([sys.executable, "-m", "dicomnode.cli", "simulate", "lowdose", "--input",
+                        str(src), "--drf", "10", "--output", str(tmp_path / "low")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    low = load_series(sorted((tmp_path / "low").iterdir()))
+    orig = load_series(sorted(p for p in src.iterdir() if p.is_file()))
+    assert low.units == "BQML" and low.suv.factor == pytest.approx(orig.suv.factor)
+    hot = orig.array > 0.2 * orig.array.max()
+    assert low.array[hot].mean() == pytest.approx(orig.array[hot].mean(), rel=0.15)
+    assert np.std(low.array[hot] - orig.array[hot]) > 0  # noisier than the source
