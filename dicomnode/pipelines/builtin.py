@@ -31,3 +31,23 @@ register(
         description="A segmentation model from models/ (MONAI bundle or manifest) -> SEG",
     )
 )
+
+register(
+    PipelineSpec(
+        name="pet-denoise",
+        version="1.0.0",
+        entry_point="dicomnode.pipelines.pet_denoise:run",
+        modalities=("PT",),
+        description="Low-dose PET enhancement with DRMC -> derived PET (units and SUV kept)",
+    )
+)
+
+register(
+    PipelineSpec(
+        name="ct2pet",
+        version="1.0.0",
+        entry_point="dicomnode.pipelines.ct2pet:run",
+        modalities=("CT",),
+        description="District-specific 3-D Pix2Pix CT -> synthetic PET (SUV), labelled synthetic",
+    )
+)

@@ -173,3 +173,8 @@ class DRMC(nn.Module):
                 if weights is not None:
                     out.append(weights)
         return out
+
+
+def drmc_from_params(**params: Any) -> DRMC:
+    """Build from a manifest's ``network.params`` (the registry calls ``class(**params)``)."""
+    return DRMC(DRMCConfig(**params))
