@@ -52,7 +52,7 @@ class Generator(nn.Module):
         self.u1, self.d1 = nn.ConvTranspose3d(2 * w, w, 2, 2), _block(2 * w, w)
         self.out = nn.Conv3d(w, 1, 1)
         with torch.no_grad():  # start near SUV 1 (sigmoid(-3) * 20), not SUV 10
-            self.out.bias.fill_(-3.0)
+            nn.init.constant_(self.out.bias, -3.0)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         e1 = self.e1(x)
@@ -218,19 +218,26 @@ def load_generators(entry: Any, device: str) -> dict[str, Any]:
 def synthesize(generators: dict[str, Any], hu: np.ndarray, spacing: tuple[float, float, float],
                affine: np.ndarray, *, districts_on: bool = True, device: str = "cpu"
                ) -> np.ndarray:
-    """Synthetic SUV on the CT grid: districts stitched with their masks (whole body where a
-    district has no model, or everywhere with ``districts_on=False``)."""
+    """Synthetic SUV on the CT grid, stitched with the district masks: each district from its
+    own model (the whole-body model where a district has none, or for all of them with
+    ``districts_on=False``, the paper's baseline); outside every district (outside the body)
+    there is no activity."""
     factors = [s / 4.0 for s in spacing]
     ct4 = norm_ct(ndi.zoom(hu, factors, order=1))
-    pet4 = predict(generators["whole_body"], ct4, device=device)
-    if districts_on:
-        masks = district_masks(hu, spacing, affine)
-        for d in DISTRICTS:
-            if d in generators and masks[d].any():
-                m4 = ndi.zoom(masks[d].astype(np.float32), factors, order=0)[: ct4.shape[0],
-                                                                            : ct4.shape[1],
-                                                                            : ct4.shape[2]] > 0.5
-                pet4 = np.where(m4, predict(generators[d], ct4, device=device), pet4)
+
+    def on_pet_grid(mask: np.ndarray) -> np.ndarray:
+        small = ndi.zoom(mask.astype(np.float32), factors, order=0)
+        return small[: ct4.shape[0], : ct4.shape[1], : ct4.shape[2]] > 0.5
+
+    masks = district_masks(hu, spacing, affine)
+    whole = predict(generators["whole_body"], ct4, device=device)
+    pet4 = np.zeros_like(whole)
+    for d in DISTRICTS:
+        if not masks[d].any():
+            continue
+        m4 = on_pet_grid(masks[d])
+        use = generators[d] if districts_on and d in generators else None
+        pet4 = np.where(m4, predict(use, ct4, device=device) if use is not None else whole, pet4)
     back = [t / s for s, t in zip(pet4.shape, hu.shape, strict=True)]
     out = ndi.zoom(pet4, back, order=1)[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
     return np.clip(out, 0, SUV_MAX).astype(np.float32)

@@ -1,0 +1,166 @@
+"""bench/pet: DRMC and district CT->PET on data held out from training.
+
+pet-denoise, for DRF 4 and 10:
+* the real PET phantoms in ../shared/data/pet (BQML ones in SUV, the PROPCNTS one in
+  pseudo-SUV), each made low dose by ``lowdose_from_pet``; reference: the original series;
+* simulated cases from the PET/CT twin with seeds not used in training (1000+); reference:
+  the full-dose reconstruction, with lesion masks for the SUV biases.
+Methods: the low-dose input, a Gaussian filter (5 mm FWHM), DRMC (the shipped model).
+Metrics: PSNR (data range: the reference's maximum), SSIM (3-D, Gaussian sigma 1.5), and in
+lesions, B_mean = |SUVmean_pred - SUVmean_ref| / SUVmean_ref and the same for SUVmax (DRMC
+paper, following Zhou et al.), averaged over lesions.
+
+ct2pet: simulated CTs (phantoms with seeds 1000+; the shipped model saw seeds 0-3) against the
+twin's noise-free activity: MAE, PSNR, SSIM in the body, whole-body model vs district models.
+
+Times are CPU seconds per case on this machine. Results: bench/results/pet.json.
+Run: ``.venv/bin/python -m bench.pet``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "pet.json"
+DATA = Path(os.environ.get("DICOMNODE_TEST_DATA", ROOT.parent / "shared" / "data"))
+WORK = ROOT / "bench" / "work" / "pet"
+warnings.simplefilter("ignore")
+
+
+def psnr(pred: np.ndarray, ref: np.ndarray, data_range: float | None = None) -> float:
+    mse = float(np.mean((pred - ref) ** 2))
+    return 10 * np.log10((data_range or float(ref.max())) ** 2 / mse)
+
+
+def ssim3d(a: np.ndarray, b: np.ndarray, data_range: float | None = None) -> float:
+    rng = data_range or float(b.max() - b.min()) or 1.0
+    c1, c2 = (0.01 * rng) ** 2, (0.03 * rng) ** 2
+    mu_a, mu_b = gaussian_filter(a, 1.5), gaussian_filter(b, 1.5)
+    saa = gaussian_filter(a * a, 1.5) - mu_a ** 2
+    sbb = gaussian_filter(b * b, 1.5) - mu_b ** 2
+    sab = gaussian_filter(a * b, 1.5) - mu_a * mu_b
+    return float(np.mean((2 * mu_a * mu_b + c1) * (2 * sab + c2)
+                         / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))))
+
+
+def lesion_bias(pred: np.ndarray, ref: np.ndarray, lesions: np.ndarray) -> dict[str, float]:
+    bm, bx = [], []
+    for i in range(1, int(lesions.max()) + 1):
+        m = lesions == i
+        if m.sum() < 2:
+            continue
+        bm.append(abs(pred[m].mean() - ref[m].mean()) / ref[m].mean())
+        bx.append(abs(pred[m].max() - ref[m].max()) / ref[m].max())
+    return {"b_mean": float(np.mean(bm)) if bm else float("nan"),
+            "b_max": float(np.mean(bx)) if bx else float("nan")}
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", choices=["pet-denoise", "ct2pet"], default=None,
+                        help="run one part and merge it into the existing results file")
+    args = parser.parse_args()
+    from dicomnode.models import load_network, scan_models
+    from dicomnode.pipelines.ct2pet import load_generators, synthesize
+    from dicomnode.pipelines.pet_denoise import denoise, to_suv
+    from dicomnode.sample import _phantom
+    from dicomnode.simulate import simulate_pet
+    from dicomnode.simulate_io import lowdose_from_pet
+    from dicomnode.volume import load_series
+
+    models, problems = scan_models(ROOT / "models")
+    assert not problems, problems
+    drmc = load_network(models["pet-denoise-drmc"], device="cpu")
+    out: dict[str, object] = {"benchmark": "pet", "device": "cpu", "cpus": os.cpu_count()}
+    rows = []
+
+    def evaluate(case: str, drf: int, low: np.ndarray, ref: np.ndarray, spacing: tuple,
+                 lesions: np.ndarray | None) -> None:
+        sigma = [5.0 / 2.3548 / s for s in spacing]
+        t0 = time.perf_counter()
+        enhanced = denoise(drmc, low, roi=32)
+        t_drmc = time.perf_counter() - t0
+        for method, img in (("low-dose", low), ("gaussian 5mm", gaussian_filter(low, sigma)),
+                            ("DRMC", enhanced)):
+            row = {"case": case, "drf": drf, "method": method, "psnr": psnr(img, ref),
+                   "ssim": ssim3d(img, ref)}
+            if lesions is not None:
+                row.update(lesion_bias(img, ref, lesions))
+            if method == "DRMC":
+                row["seconds"] = t_drmc
+            rows.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                              for k, v in row.items()}), flush=True)
+
+    previous = json.loads(RESULTS.read_text()) if args.only and RESULTS.exists() else {}
+    out.update({k: v for k, v in previous.items() if k in ("pet_denoise", "ct2pet")})
+    names = () if args.only == "ct2pet" else ("philips-gemini-ctac", "ge-advance-bigendian",
+                                              "ge-signa-petmr-fdg")
+    for name in names:
+        src = sorted(p for p in (DATA / "pet" / name).iterdir() if p.is_file())
+        ref_vol = load_series(src)
+        ref, factor, _ = to_suv(ref_vol)
+        for drf in (4, 10):
+            folder = WORK / f"{name}-drf{drf}"
+            if not folder.exists():
+                lowdose_from_pet(src, folder, drf=drf, seed=7)
+            low = load_series(sorted(folder.iterdir())).array * factor
+            evaluate(f"real phantom {name}", drf, low, np.clip(ref, 0, None),
+                     ref_vol.spacing, None)
+    for seed in () if args.only == "ct2pet" else (1000, 1001):
+        twin = simulate_pet(_phantom(48, 192), (2.5, 1.4, 1.4), drfs=(4, 10), seed=seed,
+                            angles=64, lesions=5)
+        for drf, low in twin.low.items():
+            evaluate(f"simulated seed {seed}", drf, low, twin.full, twin.spacing, twin.lesions)
+    if args.only != "ct2pet":
+        out["pet_denoise"] = rows
+
+    gens = load_generators(models["ct2pet-district"], "cpu")
+    ct_rows = []
+    for seed in () if args.only == "pet-denoise" else (1000, 1001):
+        hu = _phantom(60, 256) + np.random.default_rng(seed).normal(0, 5, (60, 256, 256))
+        spacing = (2.5, 0.7, 0.7)
+        affine = np.array([[0, 0, 0.7, 0], [0, 0.7, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1.0]])
+        twin = simulate_pet(hu, spacing, drfs=(), seed=seed, angles=16, iterations=1,
+                            subsets=2, lesions=0)
+        from scipy.ndimage import zoom
+
+        truth = np.clip(zoom(twin.truth, [t / s for s, t in zip(twin.truth.shape, hu.shape,
+                                                              strict=True)], order=1), 0, 20)
+        truth = truth[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
+        body = hu > -500
+        for districts_on, label in ((False, "whole-body model"), (True, "district models")):
+            t0 = time.perf_counter()
+            pred = synthesize(gens, hu, spacing, affine, districts_on=districts_on)
+            secs = time.perf_counter() - t0
+            n = tuple(min(a, b) for a, b in zip(pred.shape, truth.shape, strict=True))
+            p, t, b = (x[: n[0], : n[1], : n[2]] for x in (pred, truth, body))
+            row = {"case": f"phantom seed {seed}", "method": label,
+                   "mae_suv": float(np.abs(p - t)[b].mean()),
+                   "mae_norm": float(np.abs(p - t)[b].mean() / 20),
+                   # the district paper's convention: SUV clipped to [0, 20] and divided by 20
+                   "psnr": psnr(p / 20, t / 20, data_range=1.0),
+                   "ssim": ssim3d(p / 20, t / 20, data_range=1.0),
+                   "mean_suv_outside_body": float(p[~b].mean()), "seconds": secs}
+            ct_rows.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                              for k, v in row.items()}), flush=True)
+    if args.only != "pet-denoise":
+        out["ct2pet"] = ct_rows
+    out["command"] = "python -m bench.pet"
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
