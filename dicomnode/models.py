@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dicomnode.spool import file_sha256
 
-__all__ = ["LoadedModel", "Manifest", "ModelEntry", "ModelError", "scan_models"]
+__all__ = ["LoadedModel", "Manifest", "ModelCache", "ModelEntry", "ModelError", "cached_model",
+           "scan_models"]
 
 
 class ModelError(ValueError):
@@ -200,6 +201,34 @@ class LoadedModel:
     network: Any
     device: str
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelCache:
+    """The models a worker keeps loaded between jobs, keyed by directory, version, weights
+    modification time and device (a changed model directory is loaded again)."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[tuple[str, str, float, str], LoadedModel] = {}
+
+    def get(self, models_dir: Path, name: str, *, device: str) -> LoadedModel:
+        """The named model, loaded once; a :class:`ModelError` when it is not usable."""
+        models, problems = scan_models(models_dir)
+        if name not in models:
+            raise ModelError(f"model {name!r} not found in {models_dir} "
+                             f"({'; '.join(problems) or 'no problems reported'})")
+        entry = models[name]
+        key = (str(entry.path), entry.manifest.version, entry.weights.stat().st_mtime, device)
+        if key not in self._loaded:
+            self._loaded[key] = load_network(entry, device=device)
+        return self._loaded[key]
+
+
+_WORKER_MODELS = ModelCache()  # a worker process keeps its models loaded between jobs
+
+
+def cached_model(models_dir: Path, name: str, *, device: str) -> LoadedModel:
+    """The named model from this process's cache (loaded on first use)."""
+    return _WORKER_MODELS.get(models_dir, name, device=device)
 
 
 def load_network(entry: ModelEntry, *, device: str) -> LoadedModel:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.sr.coding import Code
 
-from dicomnode.models import LoadedModel, ModelEntry, load_network, scan_models
+from dicomnode.models import LoadedModel, ModelEntry, ModelError, cached_model
 from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal
 from dicomnode.volume import load_series
 from dicomnode.write.common import OutputIdentity, save
@@ -24,18 +24,11 @@ from dicomnode.write.seg import SegmentSpec, build_seg
 
 __all__ = ["infer_labels", "run"]
 
-_LOADED: dict[tuple[str, str, str, str], LoadedModel] = {}  # per worker process
-
-
 def _model(models_dir: Path, name: str, device: str) -> LoadedModel:
-    models, problems = scan_models(models_dir)
-    if name not in models:
-        raise PipelineRefusal("unknown_model", f"model {name!r} not found ({problems or 'none'})")
-    entry = models[name]
-    key = (str(entry.path), entry.manifest.version, str(entry.weights.stat().st_mtime), device)
-    if key not in _LOADED:
-        _LOADED[key] = load_network(entry, device=device)
-    return _LOADED[key]
+    try:
+        return cached_model(models_dir, name, device=device)
+    except ModelError as exc:
+        raise PipelineRefusal("unknown_model", str(exc)) from None
 
 
 def infer_labels(model: LoadedModel, hu: np.ndarray, spacing: tuple[float, float, float]

@@ -13,13 +13,14 @@ site's pairs of DICOM folders) and writes a model directory with its manifest.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dicomnode.models import LoadedModel, load_network, scan_models
+from dicomnode.models import LoadedModel, ModelError, cached_model
 from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal
 from dicomnode.volume import SeriesVolume, load_series
 from dicomnode.write.common import OutputIdentity, save
@@ -29,7 +30,6 @@ __all__ = ["DEFAULT_MODEL", "denoise", "run", "to_suv", "train"]
 
 DEFAULT_MODEL = "pet-denoise-drmc"
 SCALE = 10.0  # the network sees SUV / 10
-_LOADED: dict[tuple[str, str, str], LoadedModel] = {}  # per worker process
 
 
 def to_suv(volume: SeriesVolume) -> tuple[np.ndarray, float, str]:
@@ -62,14 +62,10 @@ def denoise(model: LoadedModel, suv: np.ndarray, *, roi: int = 32, overlap: floa
 
 
 def _model(models_dir: Path, name: str, device: str) -> LoadedModel:
-    models, problems = scan_models(models_dir)
-    if name not in models:
-        raise PipelineRefusal("unknown_model", f"model {name!r} not found ({problems or 'none'})")
-    entry = models[name]
-    key = (str(entry.path), entry.manifest.version, device)
-    if key not in _LOADED:
-        _LOADED[key] = load_network(entry, device=device)
-    return _LOADED[key]
+    try:
+        return cached_model(models_dir, name, device=device)
+    except ModelError as exc:
+        raise PipelineRefusal("unknown_model", str(exc)) from None
 
 
 def run(ctx: JobContext) -> list[OutputFile]:
@@ -158,5 +154,5 @@ def train(
     (output / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     stats = {"iterations": it, "seconds": time.perf_counter() - t0,
              "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:]))}
-    (output / "training.json").write_text(__import__("json").dumps(stats, indent=2))
+    (output / "training.json").write_text(json.dumps(stats, indent=2))
     return stats
