@@ -6,7 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["JobContext", "OutputFile", "PipelineRefusal", "RunFunction"]
+from pydicom.dataset import Dataset
+
+__all__ = ["JobContext", "OutputFile", "PipelineRefusal", "RunFunction", "save_outputs"]
 
 
 class PipelineRefusal(Exception):
@@ -53,3 +55,17 @@ class JobContext:
 
 
 RunFunction = Callable[[JobContext], list[OutputFile]]
+
+
+def save_outputs(datasets: list[Dataset], output_dir: Path, *, kind: str,
+                 prefix: str) -> list[OutputFile]:
+    """Write each data set as ``<prefix>-<index>.dcm`` and describe it for the job."""
+    from dicomnode.write.common import save
+
+    outputs = []
+    for index, ds in enumerate(datasets):
+        path = save(ds, output_dir / f"{prefix}-{index:04d}.dcm")
+        outputs.append(OutputFile(kind=kind, index=index, sop_class_uid=str(ds.SOPClassUID),
+                                  sop_instance_uid=str(ds.SOPInstanceUID),
+                                  series_instance_uid=str(ds.SeriesInstanceUID), path=path))
+    return outputs

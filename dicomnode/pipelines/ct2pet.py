@@ -23,7 +23,7 @@ import torch
 from scipy import ndimage as ndi
 from torch import nn
 
-from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal
+from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal, save_outputs
 
 __all__ = ["DISTRICTS", "Generator", "predict", "run", "train_ct2pet"]
 
@@ -247,7 +247,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
     """CT -> synthetic PET series on the CT grid and Frame of Reference."""
     from dicomnode.models import scan_models
     from dicomnode.volume import load_series
-    from dicomnode.write.common import OutputIdentity, save
+    from dicomnode.write.common import OutputIdentity
     from dicomnode.write.pet import build_derived_pet
 
     t0 = time.perf_counter()
@@ -269,13 +269,9 @@ def run(ctx: JobContext) -> list[OutputFile]:
         model_name=m.name, model_version=m.version, trained_on=m.trained_on)
     description = (f"SYNTHETIC PET (SUVbw) predicted from the CT by district 3-D Pix2Pix "
                    f"models {m.name} {m.version}, trained on {m.trained_on}. Not a PET scan.")
-    outputs = []
-    for k, ds in enumerate(build_derived_pet(values=suv, volume=volume, identity=identity,
-                                             description=description)):
-        path = save(ds, ctx.output_dir / f"pt-{k:04d}.dcm")
-        outputs.append(OutputFile(kind="PT", index=k, sop_class_uid=str(ds.SOPClassUID),
-                                  sop_instance_uid=str(ds.SOPInstanceUID),
-                                  series_instance_uid=str(ds.SeriesInstanceUID), path=path))
+    outputs = save_outputs(build_derived_pet(values=suv, volume=volume, identity=identity,
+                                             description=description),
+                           ctx.output_dir, kind="PT", prefix="pt")
     ctx.timings.update(read_s=t1 - t0, infer_s=t2 - t1, write_s=time.perf_counter() - t2)
     ctx.progress(1.0)
     return outputs

@@ -12,10 +12,10 @@ import time
 
 import numpy as np
 
-from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal
+from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal, save_outputs
 from dicomnode.pipelines.sr4zct import SRBudget, super_resolve
 from dicomnode.volume import SeriesVolume, load_series
-from dicomnode.write.common import OutputIdentity, save
+from dicomnode.write.common import OutputIdentity
 from dicomnode.write.ct import build_derived_ct
 
 __all__ = ["output_affine", "run"]
@@ -70,12 +70,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
     datasets = build_derived_ct(values=values, affine=output_affine(volume, r_z, r_t),
                                 source=volume, identity=identity, description=description,
                                 slice_thickness=r_t)
-    outputs = []
-    for k, ds in enumerate(datasets):
-        path = save(ds, ctx.output_dir / f"ct-{k:04d}.dcm")
-        outputs.append(OutputFile(kind="CT", index=k, sop_class_uid=str(ds.SOPClassUID),
-                                  sop_instance_uid=str(ds.SOPInstanceUID),
-                                  series_instance_uid=str(ds.SeriesInstanceUID), path=path))
+    outputs = save_outputs(datasets, ctx.output_dir, kind="CT", prefix="ct")
     ctx.timings.update(read_s=t1 - t0, infer_s=t2 - t1, write_s=time.perf_counter() - t2,
                        train_s=stats["train_s"], iterations=float(stats["iterations"]))
     ctx.progress(1.0)

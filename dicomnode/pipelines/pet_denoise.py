@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from dicomnode.models import LoadedModel, ModelError, cached_model
-from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal
+from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal, save_outputs
 from dicomnode.volume import SeriesVolume, load_series
-from dicomnode.write.common import OutputIdentity, save
+from dicomnode.write.common import OutputIdentity
 from dicomnode.write.pet import build_derived_pet
 
 __all__ = ["DEFAULT_MODEL", "denoise", "run", "to_suv", "train"]
@@ -87,14 +87,10 @@ def run(ctx: JobContext) -> list[OutputFile]:
     description = (f"Low-dose PET enhanced by DRMC model {m.name} {m.version} (trained on "
                    f"{m.trained_on}); intensities via {how}; units and SUV factors as the "
                    "source")
-    outputs = []
-    for k, ds in enumerate(build_derived_pet(values=(enhanced / factor).astype(np.float32),
+    outputs = save_outputs(build_derived_pet(values=(enhanced / factor).astype(np.float32),
                                              volume=volume, identity=identity,
-                                             description=description)):
-        path = save(ds, ctx.output_dir / f"pt-{k:04d}.dcm")
-        outputs.append(OutputFile(kind="PT", index=k, sop_class_uid=str(ds.SOPClassUID),
-                                  sop_instance_uid=str(ds.SOPInstanceUID),
-                                  series_instance_uid=str(ds.SeriesInstanceUID), path=path))
+                                             description=description),
+                           ctx.output_dir, kind="PT", prefix="pt")
     ctx.timings.update(read_s=t1 - t0, infer_s=t2 - t1, write_s=time.perf_counter() - t2)
     ctx.progress(1.0)
     return outputs
