@@ -40,17 +40,21 @@ class Orthanc:
         LABELMAP SEG class, so with ``False`` it refuses that presentation context: a real
         "PACS refuses the SOP class" case. (A Lua ``ReceivedInstanceFilter`` is no substitute:
         Orthanc 1.10 answers 0x0000 for instances it filters out and drops them silently.)
+    transfer_syntaxes
+        Orthanc's ``AcceptedTransferSyntaxes`` (wildcards allowed).
     """
 
     def __init__(self, workdir: Path, *, dicom_port: int = 4242, http_port: int = 8042,
                  aet: str = "ORTHANC", peers: tuple[str, ...] = ("DICOMNODE",),
-                 accept_unknown_sop_classes: bool = False) -> None:
+                 accept_unknown_sop_classes: bool = False,
+                 transfer_syntaxes: tuple[str, ...] = ("1.2.840.10008.1.*",)) -> None:
         self.workdir = Path(workdir)
         self.dicom_port = dicom_port
         self.http_port = http_port
         self.aet = aet
         self.peers = peers
         self.accept_unknown_sop_classes = accept_unknown_sop_classes
+        self.transfer_syntaxes = transfer_syntaxes
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _config(self) -> dict[str, Any]:
@@ -72,6 +76,7 @@ class Orthanc:
             "StableAge": 1,
             "Plugins": [],
             "UnknownSopClassAccepted": self.accept_unknown_sop_classes,
+            "AcceptedTransferSyntaxes": list(self.transfer_syntaxes),
         }
         return cfg
 

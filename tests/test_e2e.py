@@ -146,3 +146,29 @@ def test_refused_sop_class_dead_letter_then_retry(make_node, orthanc_factory, tm
     segs = [s for s in pacs.series_in_study(study) if s["modality"] == "SEG"]
     assert len(segs) == 1
     assert node.stop() == 0
+
+
+def test_compressed_output_falls_back_to_uncompressed(make_node, orthanc_factory,
+                                                      tmp_path: Path) -> None:
+    """A LABELMAP SEG is written RLE-compressed; a PACS that takes only uncompressed syntaxes
+    gets it decompressed instead of a refusal."""
+    sample = tmp_path / "phantom"
+    write_phantom_ct(sample, slices=40, size=128)
+    pacs = orthanc_factory(accept_unknown_sop_classes=True,
+                           transfer_syntaxes=("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")).start()
+    node = make_node(**node_config(pacs, seg_type="LABELMAP"))
+    assert storescu(sample, node.port).returncode == 0
+    done = wait_for(lambda: (d := deliveries(node)) and all(
+        x.status in (DeliveryStatus.DELIVERED, DeliveryStatus.DEAD) for x in d) and d,
+        timeout=120)
+    assert [d.status for d in done] == [DeliveryStatus.DELIVERED], done[0].last_error
+    with node.session() as s:
+        out = s.execute(select(Output)).scalar_one()
+    written = pydicom.dcmread(node.settings.output_dir / out.path, stop_before_pixels=True)
+    assert written.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"  # RLE on our side
+    study = written.StudyInstanceUID
+    (seg,) = [s for s in pacs.series_in_study(study) if s["modality"] == "SEG"]
+    instance = pacs.get(f"/series/{seg['id']}/instances")[0]["ID"]
+    meta = pacs.get(f"/instances/{instance}/metadata?expand")
+    assert meta["TransferSyntax"] in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+    assert node.stop() == 0
