@@ -73,7 +73,7 @@ def main() -> None:
     from dicomnode.models import load_network, scan_models
     from dicomnode.pipelines.ct2pet import load_generators, synthesize
     from dicomnode.pipelines.pet_denoise import denoise, to_suv
-    from dicomnode.sample import _phantom
+    from dicomnode.sample import phantom_hu
     from dicomnode.simulate import simulate_pet
     from dicomnode.simulate_io import lowdose_from_pet
     from dicomnode.volume import load_series
@@ -118,7 +118,7 @@ def main() -> None:
             evaluate(f"real phantom {name}", drf, low, np.clip(ref, 0, None),
                      ref_vol.spacing, None)
     for seed in () if args.only == "ct2pet" else (1000, 1001):
-        twin = simulate_pet(_phantom(48, 192), (2.5, 1.4, 1.4), drfs=(4, 10), seed=seed,
+        twin = simulate_pet(phantom_hu(48, 192), (2.5, 1.4, 1.4), drfs=(4, 10), seed=seed,
                             angles=64, lesions=5)
         for drf, low in twin.low.items():
             evaluate(f"simulated seed {seed}", drf, low, twin.full, twin.spacing, twin.lesions)
@@ -128,7 +128,7 @@ def main() -> None:
     gens = load_generators(models["ct2pet-district"], "cpu")
     ct_rows = []
     for seed in () if args.only == "pet-denoise" else (1000, 1001):
-        hu = _phantom(60, 256) + np.random.default_rng(seed).normal(0, 5, (60, 256, 256))
+        hu = phantom_hu(60, 256) + np.random.default_rng(seed).normal(0, 5, (60, 256, 256))
         spacing = (2.5, 0.7, 0.7)
         affine = np.array([[0, 0, 0.7, 0], [0, 0.7, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1.0]])
         twin = simulate_pet(hu, spacing, drfs=(), seed=seed, angles=16, iterations=1,

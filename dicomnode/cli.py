@@ -459,8 +459,10 @@ def simulate_lowdose_cmd(input_dir: Path, drf: int, output_dir: Path, seed: int)
 @click.option("--seg-type", type=click.Choice(["BINARY", "LABELMAP"]), default="BINARY")
 @click.option("--resample", is_flag=True,
               help="Resample tilted or unevenly spaced series instead of refusing them.")
+@click.option("--model", default=None, help="Model for pipelines that run one (see "
+              "`dicomnode models list`).")
 def run_offline(config_path: Path | None, pipeline: str, input_dir: Path, output_dir: Path,
-                preview: bool, seg_type: str, resample: bool) -> None:
+                preview: bool, seg_type: str, resample: bool, model: str | None) -> None:
     """Run PIPELINE on each series under INPUT, writing DICOM to OUTPUT (no node needed)."""
     from dicomnode.offline import run_folder
     from dicomnode.pipelines import PipelineRefusal
@@ -469,7 +471,7 @@ def run_offline(config_path: Path | None, pipeline: str, input_dir: Path, output
     try:
         results = run_folder(settings, pipeline=pipeline, input_dir=input_dir,
                              output_dir=output_dir, preview=preview, seg_type=seg_type,
-                             resample=resample)
+                             resample=resample, model=model)
     except KeyError as exc:
         raise click.ClickException(str(exc)) from None
     refused = 0

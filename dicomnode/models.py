@@ -16,6 +16,7 @@ first job.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -203,32 +204,51 @@ class LoadedModel:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+Loader = Callable[..., "LoadedModel"]
+
+
 class ModelCache:
-    """The models a worker keeps loaded between jobs, keyed by directory, version, weights
-    modification time and device (a changed model directory is loaded again)."""
+    """The models a worker keeps loaded between jobs.
+
+    The registry is scanned (and the weights hashed) only when a model is not loaded yet or
+    its weights file changed (size or modification time), not before every job.
+    """
 
     def __init__(self) -> None:
-        self._loaded: dict[tuple[str, str, float, str], LoadedModel] = {}
+        self._loaded: dict[tuple[str, str, str, Loader], tuple[LoadedModel, tuple[int, int]]] = {}
 
-    def get(self, models_dir: Path, name: str, *, device: str) -> LoadedModel:
-        """The named model, loaded once; a :class:`ModelError` when it is not usable."""
+    def get(self, models_dir: Path, name: str, *, device: str,
+            loader: Loader | None = None) -> LoadedModel:
+        """The named model, loaded once with ``loader`` (default :func:`load_network`);
+        a :class:`ModelError` when it is not usable."""
+        loader = loader or load_network
+        key = (str(models_dir), name, device, loader)
+        hit = self._loaded.get(key)
+        if hit is not None:
+            try:
+                st = hit[0].entry.weights.stat()
+                if (st.st_mtime_ns, st.st_size) == hit[1]:
+                    return hit[0]
+            except OSError:
+                pass  # the weights went away: scan again and say so
         models, problems = scan_models(models_dir)
         if name not in models:
             raise ModelError(f"model {name!r} not found in {models_dir} "
                              f"({'; '.join(problems) or 'no problems reported'})")
         entry = models[name]
-        key = (str(entry.path), entry.manifest.version, entry.weights.stat().st_mtime, device)
-        if key not in self._loaded:
-            self._loaded[key] = load_network(entry, device=device)
-        return self._loaded[key]
+        st = entry.weights.stat()
+        loaded = loader(entry, device=device)
+        self._loaded[key] = (loaded, (st.st_mtime_ns, st.st_size))
+        return loaded
 
 
 _WORKER_MODELS = ModelCache()  # a worker process keeps its models loaded between jobs
 
 
-def cached_model(models_dir: Path, name: str, *, device: str) -> LoadedModel:
+def cached_model(models_dir: Path, name: str, *, device: str,
+                 loader: Loader | None = None) -> LoadedModel:
     """The named model from this process's cache (loaded on first use)."""
-    return _WORKER_MODELS.get(models_dir, name, device=device)
+    return _WORKER_MODELS.get(models_dir, name, device=device, loader=loader)
 
 
 def load_network(entry: ModelEntry, *, device: str) -> LoadedModel:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pydicom
 
-from dicomnode.pipelines import JobContext, PipelineRefusal, get_pipeline
+from dicomnode.pipelines import PipelineRefusal, get_pipeline, job_context
 from dicomnode.settings import Settings
 
 __all__ = ["group_series", "run_folder"]
@@ -30,6 +30,7 @@ def group_series(folder: Path) -> dict[str, list[Path]]:
 def run_folder(
     settings: Settings, *, pipeline: str, input_dir: Path, output_dir: Path,
     preview: bool = False, seg_type: str = "BINARY", resample: bool = False,
+    model: str | None = None,
 ) -> dict[str, list[Path] | PipelineRefusal]:
     """Run ``pipeline`` on every series under ``input_dir``; refusals are returned, not raised.
 
@@ -38,23 +39,17 @@ def run_folder(
     KeyError
         Unknown pipeline.
     """
-    from dicomnode.pipelines import known_pipelines
+    from dicomnode.executors.worker import resolve_device
 
     spec = get_pipeline(pipeline)
     run = spec.load()
-    names = sorted(known_pipelines())
+    device = resolve_device(settings.executor.device)
     results: dict[str, list[Path] | PipelineRefusal] = {}
     for series_uid, files in group_series(input_dir).items():
-        ctx = JobContext(
-            job_id=0, pipeline=spec.name, pipeline_version=spec.version,
-            series_instance_uid=series_uid, input_files=tuple(files),
-            output_dir=output_dir / series_uid, device="cpu",
-            series_number=settings.output.series_number_offset + names.index(spec.name),
-            series_description_prefix=settings.output.series_description_prefix,
-            seg_type=seg_type,
-            options={"resample": resample, "preview": preview,
-                     "ct_sr": settings.ct_sr.model_dump(),
-                     "models_dir": str(settings.models_path)},
+        ctx = job_context(
+            settings, spec, job_id=0, series_instance_uid=series_uid,
+            input_files=tuple(files), output_dir=output_dir / series_uid, device=device,
+            seg_type=seg_type, model=model, preview=preview, resample=resample,
         )
         try:
             outputs = run(ctx)

@@ -149,11 +149,9 @@ class Pusher:
                     if c.abstract_syntax == sop_class]
         if not accepted:
             return 0x0122, "peer refused the SOP class (no accepted presentation context)"
-        if not any(c.transfer_syntax[0] == ts for c in accepted):
-            if not ds.file_meta.TransferSyntaxUID.is_compressed:
-                pass
-            else:
-                ds.decompress()  # the peer took only an uncompressed syntax
+        if (not any(c.transfer_syntax[0] == ts for c in accepted)
+                and ds.file_meta.TransferSyntaxUID.is_compressed):
+            ds.decompress()  # the peer took only an uncompressed syntax
         try:
             rsp = assoc.send_c_store(ds)  # type: ignore[attr-defined]
         except Exception as exc:  # connection dropped mid-batch

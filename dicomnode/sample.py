@@ -8,10 +8,10 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-__all__ = ["write_phantom_ct"]
+__all__ = ["phantom_hu", "write_phantom_ct"]
 
 
-def _phantom(n: int, size: int) -> np.ndarray:
+def phantom_hu(n: int, size: int) -> np.ndarray:
     """HU: an elliptic body with fat rim, two lungs and a spine, in air."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     c = size / 2
@@ -36,7 +36,7 @@ def _phantom(n: int, size: int) -> np.ndarray:
 def write_phantom_ct(folder: Path, *, slices: int = 60, size: int = 256) -> list[Path]:
     """Write the phantom as a CT Image Storage series; returns the files."""
     folder.mkdir(parents=True, exist_ok=True)
-    hu = _phantom(slices, size)
+    hu = phantom_hu(slices, size)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     paths = []
     for k in range(slices):

@@ -206,10 +206,6 @@ class Spool:
         if self.fsync:
             _fsync_dir(final.parent)
 
-    def write(self, relative: str, data: bytes) -> None:
-        """Write ``data`` to ``relative`` atomically and durably (temp, fsync, rename, fsync dir)."""
-        self.commit_tmp(self.write_tmp(data), relative)
-
     def clean_tmp(self) -> int:
         """Remove leftovers of interrupted writes (start-up reconciliation); returns the count."""
         count = 0

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from dicomnode.sample import _phantom
+from dicomnode.sample import phantom_hu
 from dicomnode.simulate import simulate_pet
 
 __all__ = ["simulated_pet_pairs", "site_pet_pairs"]
@@ -18,6 +19,29 @@ def _lidc() -> Path | None:
                                Path(__file__).resolve().parents[2] / "shared" / "data"))
     lidc = root / "ct" / "lidc-idri-0001"
     return lidc if lidc.is_dir() else None
+
+
+def _training_cts(cases: int, *, phantom: tuple[int, int], pixel_mm: float, lidc_step: int
+                  ) -> Iterator[tuple[np.ndarray, tuple[float, float, float], np.ndarray, str]]:
+    """(HU, spacing, affine, name) of each training CT: lidc-idri-0001 first when the shared
+    data is present (every ``lidc_step``-th voxel), then generated phantoms of
+    ``phantom = (slices, size)`` with 2.5 mm slices and ``pixel_mm`` pixels."""
+    lidc = _lidc()
+    for i in range(cases):
+        if lidc is not None and i == 0:
+            from dicomnode.volume import load_series
+
+            vol = load_series(sorted(lidc.glob("*.dcm")))
+            s = lidc_step
+            affine = vol.affine.copy()
+            affine[:3, :3] *= s
+            yield (vol.array[::s, ::s, ::s],
+                   (vol.spacing[0] * s, vol.spacing[1] * s, vol.spacing[2] * s), affine,
+                   "lidc-idri-0001")
+        else:
+            px = pixel_mm
+            affine = np.array([[0, 0, px, 0], [0, px, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1.0]])
+            yield phantom_hu(*phantom), (2.5, px, px), affine, "phantom"
 
 
 def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0
@@ -31,17 +55,8 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0
     rng = np.random.default_rng(seed)
     pairs = []
     sources = []
-    lidc = _lidc()
-    for i in range(cases):
-        if lidc is not None and i == 0:
-            from dicomnode.volume import load_series
-
-            vol = load_series(sorted(lidc.glob("*.dcm")))
-            hu, name = vol.array[::2, ::2, ::2], "lidc-idri-0001"
-            spacing = (vol.spacing[0] * 2, vol.spacing[1] * 2, vol.spacing[2] * 2)
-        else:
-            hu, name = _phantom(48, 192), "phantom"
-            spacing = (2.5, 1.4, 1.4)
+    for i, (hu, spacing, _affine, name) in enumerate(
+            _training_cts(cases, phantom=(48, 192), pixel_mm=1.4, lidc_step=2)):
         twin = simulate_pet(hu, spacing, drfs=drfs, seed=seed + i, angles=64,
                             dose_mbq=float(rng.uniform(150, 400)),
                             sensitivity_cps_per_mbq=float(rng.uniform(60, 140)),
@@ -80,18 +95,8 @@ def simulated_ct2pet_cases(*, cases: int, seed: int = 0
 
     out = []
     sources = []
-    lidc = _lidc()
-    for i in range(cases):
-        if lidc is not None and i == 0:
-            from dicomnode.volume import load_series
-
-            vol = load_series(sorted(lidc.glob("*.dcm")))
-            hu, affine, name = vol.array, vol.affine, "lidc-idri-0001"
-            spacing = vol.spacing
-        else:
-            hu, name = _phantom(60, 256), "phantom"
-            spacing = (2.5, 0.7, 0.7)
-            affine = np.array([[0, 0, 0.7, 0], [0, 0.7, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1.0]])
+    for i, (hu, spacing, affine, name) in enumerate(
+            _training_cts(cases, phantom=(60, 256), pixel_mm=0.7, lidc_step=1)):
         twin = simulate_pet(hu, spacing, drfs=(), seed=seed + i, angles=16, iterations=1,
                             subsets=2, lesions=0)
         factors = [s / 4.0 for s in spacing]

@@ -136,3 +136,29 @@ def test_rule_naming_unknown_model_is_a_config_error(tmp_path: Path) -> None:
         {"name": "r", "pipelines": ["ct-organs"], "models": {"ct-organs": "nope"}}]})
     with pytest.raises(ConfigError, match=r"rules\.0\.models\.ct-organs"):
         check_pipelines(settings)
+
+
+def test_model_cache_loads_once_and_notices_new_weights(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import dicomnode.models as registry
+
+    models = tmp_path / "models"
+    bundle = make_bundle(models)
+    scans = []
+    real_scan = registry.scan_models
+    monkeypatch.setattr(registry, "scan_models",
+                        lambda d: scans.append(d) or real_scan(d))  # type: ignore[func-returns-value]
+    cache = registry.ModelCache()
+    first = cache.get(models, "tiny-dense", device="cpu")
+    assert cache.get(models, "tiny-dense", device="cpu") is first
+    assert len(scans) == 1  # no re-scan, no re-hash for the second job
+    weights = bundle / "models" / "model.pt"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    second = cache.get(models, "tiny-dense", device="cpu")  # changed weights: verified again
+    assert second is not first and len(scans) == 2
+    with open(weights, "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(registry.ModelError):  # and a tampered file is refused, not used
+        cache.get(models, "tiny-dense", device="cpu")

@@ -11,7 +11,7 @@ import highdicom as hd
 import numpy as np
 import pytest
 
-from dicomnode.sample import _phantom, write_phantom_ct
+from dicomnode.sample import phantom_hu, write_phantom_ct
 from dicomnode.simulate import simulate_pet, thin_counts
 from dicomnode.simulate_io import nominal_activity, write_case
 from dicomnode.volume import load_series
@@ -30,7 +30,7 @@ def test_thinning_keeps_one_kth_of_the_mean() -> None:
 
 @pytest.fixture(scope="module")
 def twin() -> object:
-    return simulate_pet(_phantom(24, 96), (2.5, 2.8, 2.8), drfs=(4, 10), angles=64, seed=3)
+    return simulate_pet(phantom_hu(24, 96), (2.5, 2.8, 2.8), drfs=(4, 10), angles=64, seed=3)
 
 
 def test_noise_grows_with_drf_and_mean_is_kept(twin) -> None:

@@ -26,7 +26,7 @@ from dicomnode.audit.models import (
     SeriesState,
 )
 from dicomnode.jobs import ClaimedJob, claim_job, finish_job, heartbeat
-from dicomnode.pipelines import JobContext, OutputFile, PipelineRefusal, get_pipeline
+from dicomnode.pipelines import OutputFile, PipelineRefusal, get_pipeline, job_context
 from dicomnode.settings import Settings
 from dicomnode.spool import file_sha256
 
@@ -44,13 +44,6 @@ def resolve_device(setting: str) -> str:
     except ImportError:
         return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _series_number(settings: Settings, pipeline: str) -> int:
-    from dicomnode.pipelines import known_pipelines
-
-    names = sorted(known_pipelines())
-    return settings.output.series_number_offset + (names.index(pipeline) if pipeline in names else 0)
 
 
 def _record_outputs(
@@ -152,23 +145,17 @@ def run_claimed_job(
     beater = threading.Thread(target=beat, name=f"lease-{job.id}", daemon=True)
     beater.start()
     output_dir = settings.output_dir / str(job.id)
-    ctx = JobContext(
-        job_id=job.id, pipeline=job.pipeline, pipeline_version=job.pipeline_version,
-        series_instance_uid=job.series_instance_uid,
+    spec = get_pipeline(job.pipeline)
+    ctx = job_context(
+        settings, spec, job_id=job.id, series_instance_uid=job.series_instance_uid,
         input_files=tuple(settings.spool_dir / i.path for i in inputs),
-        output_dir=output_dir, device=device,
-        series_number=_series_number(settings, job.pipeline),
-        series_description_prefix=settings.output.series_description_prefix,
-        seg_type=seg_type,
-        options={"preview": settings.output.previews, "model": job.model_name,
-                 "ct_sr": settings.ct_sr.model_dump(),
-                 "models_dir": str(settings.models_path)},
+        output_dir=output_dir, device=device, seg_type=seg_type, model=job.model_name,
         progress=lambda f: progress.__setitem__("value", float(f)),
     )
     timings["load_inputs_s"] = time.perf_counter() - t0
     try:
         t1 = time.perf_counter()
-        outputs = get_pipeline(job.pipeline).load()(ctx)
+        outputs = spec.load()(ctx)
         timings["pipeline_s"] = time.perf_counter() - t1
         timings.update({f"pipeline.{k}": v for k, v in ctx.timings.items()})
     except PipelineRefusal as refusal:

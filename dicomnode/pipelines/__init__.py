@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal, RunFunction
+
+if TYPE_CHECKING:
+    from dicomnode.settings import Settings
 
 __all__ = [
     "JobContext",
@@ -20,6 +26,7 @@ __all__ = [
     "PipelineRefusal",
     "PipelineSpec",
     "get_pipeline",
+    "job_context",
     "known_pipelines",
     "register",
 ]
@@ -80,6 +87,38 @@ def known_pipelines() -> dict[str, PipelineSpec]:
     """Every registered pipeline, by name."""
     _load_plugins()
     return dict(_REGISTRY)
+
+
+def job_context(
+    settings: Settings,
+    spec: PipelineSpec,
+    *,
+    job_id: int,
+    series_instance_uid: str,
+    input_files: tuple[Path, ...],
+    output_dir: Path,
+    device: str,
+    seg_type: str = "BINARY",
+    model: str | None = None,
+    preview: bool | None = None,
+    resample: bool = False,
+    progress: Callable[[float], None] | None = None,
+) -> JobContext:
+    """The context of one run, the same for a job in the node and for ``dicomnode run``."""
+    names = sorted(known_pipelines())
+    extra: dict[str, Any] = {"progress": progress} if progress is not None else {}
+    return JobContext(
+        job_id=job_id, pipeline=spec.name, pipeline_version=spec.version,
+        series_instance_uid=series_instance_uid, input_files=input_files,
+        output_dir=output_dir, device=device,
+        series_number=settings.output.series_number_offset + names.index(spec.name),
+        series_description_prefix=settings.output.series_description_prefix,
+        seg_type=seg_type,
+        options={"preview": settings.output.previews if preview is None else preview,
+                 "resample": resample, "model": model, "ct_sr": settings.ct_sr.model_dump(),
+                 "models_dir": str(settings.models_path)},
+        **extra,
+    )
 
 
 def get_pipeline(name: str) -> PipelineSpec:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 
-__all__ = ["JobContext", "OutputFile", "PipelineRefusal", "RunFunction", "save_outputs"]
+__all__ = ["JobContext", "OutputFile", "PipelineRefusal", "RunFunction", "job_model",
+           "save_outputs"]
 
 
 class PipelineRefusal(Exception):
@@ -55,6 +57,22 @@ class JobContext:
 
 
 RunFunction = Callable[[JobContext], list[OutputFile]]
+
+
+def job_model(ctx: JobContext, *, default: str | None = None, loader: Callable[..., Any] | None
+              = None) -> Any:
+    """The model the job's rule names (or ``default``), from the worker's cache; a refusal
+    with the reason when there is none or it cannot be used."""
+    from dicomnode.models import ModelError, cached_model
+
+    name = ctx.options.get("model") or default
+    if not name:
+        raise PipelineRefusal("no_model", f"the rule names no model for {ctx.pipeline}")
+    try:
+        return cached_model(Path(str(ctx.options.get("models_dir"))), str(name),
+                            device=ctx.device, loader=loader)
+    except ModelError as exc:
+        raise PipelineRefusal("unknown_model", str(exc)) from None
 
 
 def save_outputs(datasets: list[Dataset], output_dir: Path, *, kind: str,

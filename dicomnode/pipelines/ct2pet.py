@@ -23,17 +23,13 @@ import torch
 from scipy import ndimage as ndi
 from torch import nn
 
-from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal, save_outputs
+from dicomnode.pipelines.base import JobContext, OutputFile, job_model, save_outputs
 
 __all__ = ["DISTRICTS", "Generator", "predict", "run", "train_ct2pet"]
 
 DISTRICTS = ("head_neck", "trunk", "arms", "legs")
 PATCH, STRIDE, SUV_MAX = 32, 16, 20.0
 DEFAULT_MODEL = "ct2pet-district"
-
-
-def _torch() -> Any:
-    return torch
 
 
 def _block(i: int, o: int) -> nn.Sequential:
@@ -89,7 +85,6 @@ def _patches(shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
 
 def predict(generator: Any, ct01: np.ndarray, *, device: str = "cpu") -> np.ndarray:
     """SUV from a normalised CT on the PET grid: 32^3 patches, stride 16, averaged."""
-    torch = _torch()
     pad = [(0, max(0, PATCH - s)) for s in ct01.shape]
     x = np.pad(ct01, pad, mode="edge")
     acc = np.zeros(x.shape, np.float32)
@@ -107,7 +102,6 @@ def predict(generator: Any, ct01: np.ndarray, *, device: str = "cpu") -> np.ndar
 def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float, seed: int = 0,
                   width: int = 16, l1_weight: float = 100.0, batch: int = 4) -> tuple[Any, dict]:
     """Pix2Pix on (CT [0,1], SUV/20) pairs of 32^3 patches: Adam 2e-4, adversarial + L1."""
-    torch = _torch()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen, disc = Generator(width), Discriminator(width)
@@ -167,7 +161,6 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
 
     import yaml
 
-    torch = _torch()
     states: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     present = [d for d in DISTRICTS if sum(int(m[d].sum()) for _, _, m in cases) > 2000]
@@ -204,7 +197,6 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
 def load_generators(entry: Any, device: str) -> dict[str, Any]:
     """The whole-body and district generators of a ct2pet model directory (sha256 checked by
     the registry before this is called)."""
-    torch = _torch()
     states = torch.load(entry.weights, map_location="cpu", weights_only=True)
     width = int(entry.manifest.network.get("params", {}).get("width", 16))
     out = {}
@@ -213,6 +205,13 @@ def load_generators(entry: Any, device: str) -> dict[str, Any]:
         gen.load_state_dict(state)
         out[name] = gen.eval().to(device)
     return out
+
+
+def _load_generators_model(entry: Any, *, device: str) -> Any:
+    """A :class:`~dicomnode.models.LoadedModel` whose network is the dict of generators."""
+    from dicomnode.models import LoadedModel
+
+    return LoadedModel(entry=entry, network=load_generators(entry, device), device=device)
 
 
 def synthesize(generators: dict[str, Any], hu: np.ndarray, spacing: tuple[float, float, float],
@@ -245,19 +244,14 @@ def synthesize(generators: dict[str, Any], hu: np.ndarray, spacing: tuple[float,
 
 def run(ctx: JobContext) -> list[OutputFile]:
     """CT -> synthetic PET series on the CT grid and Frame of Reference."""
-    from dicomnode.models import scan_models
     from dicomnode.volume import load_series
     from dicomnode.write.common import OutputIdentity
     from dicomnode.write.pet import build_derived_pet
 
     t0 = time.perf_counter()
     volume = load_series(list(ctx.input_files), modality="CT")
-    models, problems = scan_models(Path(str(ctx.options.get("models_dir"))))
-    name = str(ctx.options.get("model") or DEFAULT_MODEL)
-    if name not in models:
-        raise PipelineRefusal("unknown_model", f"model {name!r} not found ({problems or 'none'})")
-    entry = models[name]
-    generators = load_generators(entry, ctx.device)
+    loaded = job_model(ctx, default=DEFAULT_MODEL, loader=_load_generators_model)
+    entry, generators = loaded.entry, loaded.network
     t1 = time.perf_counter()
     suv = synthesize(generators, volume.array, volume.spacing, volume.affine, device=ctx.device)
     t2 = time.perf_counter()

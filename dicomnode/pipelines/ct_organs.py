@@ -11,25 +11,17 @@ Workers keep loaded models between jobs (a per-process cache).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 from pydicom.sr.coding import Code
 
-from dicomnode.models import LoadedModel, ModelEntry, ModelError, cached_model
-from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal
+from dicomnode.models import LoadedModel, ModelEntry
+from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal, job_model
 from dicomnode.volume import load_series
 from dicomnode.write.common import OutputIdentity, save
 from dicomnode.write.seg import SegmentSpec, build_seg
 
 __all__ = ["infer_labels", "run"]
-
-def _model(models_dir: Path, name: str, device: str) -> LoadedModel:
-    try:
-        return cached_model(models_dir, name, device=device)
-    except ModelError as exc:
-        raise PipelineRefusal("unknown_model", str(exc)) from None
-
 
 def infer_labels(model: LoadedModel, hu: np.ndarray, spacing: tuple[float, float, float]
                  ) -> np.ndarray:
@@ -76,12 +68,10 @@ def _segments(entry: ModelEntry) -> dict[int, SegmentSpec]:
 
 def run(ctx: JobContext) -> list[OutputFile]:
     """Segment the CT with the rule's model and write one SEG."""
-    name = ctx.options.get("model")
-    if not name:
-        raise PipelineRefusal("no_model", "the rule names no model for ct-organs")
+    model = job_model(ctx)
+    name = model.entry.manifest.name
     t0 = time.perf_counter()
     volume = load_series(list(ctx.input_files), modality="CT")
-    model = _model(Path(str(ctx.options.get("models_dir"))), str(name), ctx.device)
     t1 = time.perf_counter()
     labels = infer_labels(model, volume.array, volume.spacing)
     t2 = time.perf_counter()

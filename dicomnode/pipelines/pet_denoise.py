@@ -20,8 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.models import LoadedModel, ModelError, cached_model
-from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal, save_outputs
+from dicomnode.models import LoadedModel
+from dicomnode.pipelines.base import (
+    JobContext,
+    OutputFile,
+    PipelineRefusal,
+    job_model,
+    save_outputs,
+)
 from dicomnode.volume import SeriesVolume, load_series
 from dicomnode.write.common import OutputIdentity
 from dicomnode.write.pet import build_derived_pet
@@ -61,20 +67,12 @@ def denoise(model: LoadedModel, suv: np.ndarray, *, roi: int = 32, overlap: floa
     return np.clip(out.float()[0, 0].numpy() * SCALE, 0, None)
 
 
-def _model(models_dir: Path, name: str, device: str) -> LoadedModel:
-    try:
-        return cached_model(models_dir, name, device=device)
-    except ModelError as exc:
-        raise PipelineRefusal("unknown_model", str(exc)) from None
-
-
 def run(ctx: JobContext) -> list[OutputFile]:
     """Enhance one PET series."""
     t0 = time.perf_counter()
     volume = load_series(list(ctx.input_files), modality="PT")
     suv, factor, how = to_suv(volume)
-    model = _model(Path(str(ctx.options.get("models_dir"))),
-                   str(ctx.options.get("model") or DEFAULT_MODEL), ctx.device)
+    model = job_model(ctx, default=DEFAULT_MODEL)
     t1 = time.perf_counter()
     enhanced = denoise(model, suv, roi=model.entry.manifest.roi_size[0])
     t2 = time.perf_counter()
