@@ -3,15 +3,18 @@
 pet-denoise, for DRF 4 and 10:
 * the real PET phantoms in ../shared/data/pet (BQML ones in SUV, the PROPCNTS one in
   pseudo-SUV), each made low dose by ``lowdose_from_pet``; reference: the original series;
-* simulated cases from the PET/CT twin with seeds not used in training (1000+); reference:
-  the full-dose reconstruction, with lesion masks for the SUV biases.
+* simulated cases from the PET/CT twin: whole-body phantoms with organ uptake and 6 lesions,
+  seeds not used in training (1000+), a 400 mm window each (abdomen-thorax; thorax-head);
+  reference: the full-dose reconstruction, with lesion masks for the SUV biases.
 Methods: the low-dose input, a Gaussian filter (5 mm FWHM), DRMC (the shipped model).
 Metrics: PSNR (data range: the reference's maximum), SSIM (3-D, Gaussian sigma 1.5), and in
 lesions, B_mean = |SUVmean_pred - SUVmean_ref| / SUVmean_ref and the same for SUVmax (DRMC
 paper, following Zhou et al.), averaged over lesions.
 
-ct2pet: simulated CTs (phantoms with seeds 1000+; the shipped model saw seeds 0-3) against the
-twin's noise-free activity: MAE, PSNR, SSIM in the body, whole-body model vs district models.
+ct2pet: whole-body phantoms (seeds 1000+; the shipped model saw seeds 1-5 and lidc-idri-0001)
+against the twin's noise-free activity (organ uptake drawn per case): MAE, PSNR, SSIM in the
+body, MAE per district, mean SUV per organ (predicted, true); whole-body model vs district
+models.
 
 Times are CPU seconds per case on this machine. Results: bench/results/pet.json.
 Run: ``.venv/bin/python -m bench.pet``.
@@ -32,6 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "pet.json"
 DATA = Path(os.environ.get("DICOMNODE_TEST_DATA", ROOT.parent / "shared" / "data"))
 WORK = ROOT / "bench" / "work" / "pet"
+# held-out simulated cases for pet-denoise: (phantom seed, heights above the soles in mm);
+# the shipped model saw phantom seeds 1-7
+SIMULATED_DENOISE = ((1000, (900.0, 1300.0)), (1001, (1250.0, 1650.0)))
 warnings.simplefilter("ignore")
 
 
@@ -70,11 +76,13 @@ def main() -> None:
     parser.add_argument("--only", choices=["pet-denoise", "ct2pet"], default=None,
                         help="run one part and merge it into the existing results file")
     args = parser.parse_args()
+    from scipy.ndimage import zoom
+
     from dicomnode.models import load_network, scan_models
-    from dicomnode.pipelines.ct2pet import load_generators, synthesize
+    from dicomnode.phantom import whole_body
+    from dicomnode.pipelines.ct2pet import district_masks, load_generators, synthesize
     from dicomnode.pipelines.pet_denoise import denoise, to_suv
-    from dicomnode.sample import phantom_hu
-    from dicomnode.simulate import simulate_pet
+    from dicomnode.simulate import pet_truth, simulate_pet
     from dicomnode.simulate_io import lowdose_from_pet
     from dicomnode.volume import load_series
 
@@ -117,41 +125,50 @@ def main() -> None:
             low = load_series(sorted(folder.iterdir())).array * factor
             evaluate(f"real phantom {name}", drf, low, np.clip(ref, 0, None),
                      ref_vol.spacing, None)
-    for seed in () if args.only == "ct2pet" else (1000, 1001):
-        twin = simulate_pet(phantom_hu(48, 192), (2.5, 1.4, 1.4), drfs=(4, 10), seed=seed,
-                            angles=64, lesions=5)
+    for seed, window in () if args.only == "ct2pet" else SIMULATED_DENOISE:
+        body = whole_body(seed, z_range_mm=window)
+        t0 = time.perf_counter()
+        twin = simulate_pet(body.hu, body.spacing, drfs=(4, 10), seed=seed, angles=64,
+                            lesions=6, organs=body.organs, processes=os.cpu_count() or 1)
+        print(f"simulated seed {seed} {window} in {time.perf_counter() - t0:.0f} s", flush=True)
         for drf, low in twin.low.items():
-            evaluate(f"simulated seed {seed}", drf, low, twin.full, twin.spacing, twin.lesions)
+            evaluate(f"simulated whole-body seed {seed} z {window[0]:.0f}-{window[1]:.0f} mm",
+                     drf, low, twin.full, twin.spacing, twin.lesions)
     if args.only != "ct2pet":
         out["pet_denoise"] = rows
 
     gens = load_generators(models["ct2pet-district"], "cpu")
     ct_rows = []
     for seed in () if args.only == "pet-denoise" else (1000, 1001):
-        hu = phantom_hu(60, 256) + np.random.default_rng(seed).normal(0, 5, (60, 256, 256))
-        spacing = (2.5, 0.7, 0.7)
-        affine = np.array([[0, 0, 0.7, 0], [0, 0.7, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1.0]])
-        twin = simulate_pet(hu, spacing, drfs=(), seed=seed, angles=16, iterations=1,
-                            subsets=2, lesions=0)
-        from scipy.ndimage import zoom
-
-        truth = np.clip(zoom(twin.truth, [t / s for s, t in zip(twin.truth.shape, hu.shape,
-                                                              strict=True)], order=1), 0, 20)
+        body = whole_body(seed)
+        hu, spacing, affine = body.hu, body.spacing, body.affine
+        truth4, _, _ = pet_truth(hu, spacing, rng=np.random.default_rng(seed), lesions=0,
+                                 organs=body.organs)
+        truth = np.clip(zoom(truth4, [t / s for s, t in zip(truth4.shape, hu.shape,
+                                                            strict=True)], order=1), 0, 20)
         truth = truth[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
-        body = hu > -500
+        inside = hu > -500
+        districts = district_masks(hu, spacing, affine)
         for districts_on, label in ((False, "whole-body model"), (True, "district models")):
             t0 = time.perf_counter()
             pred = synthesize(gens, hu, spacing, affine, districts_on=districts_on)
             secs = time.perf_counter() - t0
             n = tuple(min(a, b) for a, b in zip(pred.shape, truth.shape, strict=True))
-            p, t, b = (x[: n[0], : n[1], : n[2]] for x in (pred, truth, body))
-            row = {"case": f"phantom seed {seed}", "method": label,
+            p, t, b = (x[: n[0], : n[1], : n[2]] for x in (pred, truth, inside))
+            row = {"case": f"whole-body phantom seed {seed}", "method": label,
                    "mae_suv": float(np.abs(p - t)[b].mean()),
                    "mae_norm": float(np.abs(p - t)[b].mean() / 20),
                    # the district paper's convention: SUV clipped to [0, 20] and divided by 20
                    "psnr": psnr(p / 20, t / 20, data_range=1.0),
                    "ssim": ssim3d(p / 20, t / 20, data_range=1.0),
                    "mean_suv_outside_body": float(p[~b].mean()), "seconds": secs}
+            for d, m in districts.items():
+                m = m[: n[0], : n[1], : n[2]]
+                if m.any():
+                    row[f"mae_suv_{d}"] = float(np.abs(p - t)[m].mean())
+            for organ, m in body.organs.items():
+                m = m[: n[0], : n[1], : n[2]]
+                row[f"suv_{organ}"] = [round(float(p[m].mean()), 3), round(float(t[m].mean()), 3)]
             ct_rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                               for k, v in row.items()}), flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -364,8 +365,12 @@ def train() -> None:
 @click.option("--pairs", "pair_dirs", multiple=True, type=str,
               help="A site's own data instead: LOW_DIR:FULL_DIR pairs of DICOM PET folders.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--version", default="1.0.0", show_default=True, help="Model version to write.")
+@click.option("--processes", default=os.cpu_count() or 1, show_default=True,
+              help="Processes reconstructing the simulated PET.")
 def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], seconds: float,
-                      pair_dirs: tuple[str, ...], seed: int) -> None:
+                      pair_dirs: tuple[str, ...], seed: int, version: str,
+                      processes: int) -> None:
     """Train DRMC and write a model directory with its manifest (sha256, trained_on)."""
     from dicomnode.pipelines.pet_denoise import train as train_drmc
     from dicomnode.training import simulated_pet_pairs, site_pet_pairs
@@ -373,10 +378,11 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
     if pair_dirs:
         pairs, source = site_pet_pairs(list(pair_dirs))
     else:
-        pairs, source = simulated_pet_pairs(cases=cases, drfs=drfs, seed=seed)
+        pairs, source = simulated_pet_pairs(cases=cases, drfs=drfs, seed=seed,
+                                            processes=processes)
     click.echo(f"{len(pairs)} training pairs: {source}")
     stats = train_drmc(output=output_dir, pairs=pairs, seconds=seconds, trained_on=source,
-                       seed=seed)
+                       seed=seed, version=version)
     click.echo(f"trained {stats['iterations']} iterations in {stats['seconds']:.0f} s; "
                f"Charbonnier {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}; "
                f"wrote {output_dir}")
@@ -387,14 +393,16 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
 @click.option("--cases", default=4, show_default=True)
 @click.option("--seconds", default=240.0, show_default=True, help="Training time in all.")
 @click.option("--seed", default=0, show_default=True)
-def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int) -> None:
+@click.option("--version", default="1.0.0", show_default=True, help="Model version to write.")
+def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
+                     version: str) -> None:
     """Train the whole-body and district Pix2Pix models; write a model directory."""
     from dicomnode.pipelines.ct2pet import train_ct2pet
     from dicomnode.training import simulated_ct2pet_cases
 
     data, source = simulated_ct2pet_cases(cases=cases, seed=seed)
     stats = train_ct2pet(output=output_dir, cases=data, seconds=seconds, trained_on=source,
-                         seed=seed)
+                         seed=seed, version=version)
     for name, s in stats.items():
         click.echo(f"{name}: {s['iterations']} iterations, L1 {s['l1_first']:.4f} -> "
                    f"{s['l1_last']:.4f}")

@@ -5,10 +5,13 @@ pairs are trained and tested on this simulation, and every model and DICOM serie
 it says so.
 
 1. **Activity.** Tissue classes from ``ct-tissue`` -> an SUV map: lungs 0.5, adipose 0.35,
-   soft tissue 1.0, bone marrow (200-600 HU) 1.6, cortical bone (> 600 HU) 0.6, air 0; plus
-   random spherical lesions (given radius and contrast) in soft tissue or lung, returned as a
-   label map. Organs that HU thresholds cannot separate (brain, myocardium, liver, kidneys,
-   bladder) are not modelled individually yet: they are "soft tissue" (SUV 1.0).
+   soft tissue 1.0, bone marrow (200-600 HU) 1.6, cortical bone (> 600 HU) 0.6, air 0; then
+   organs, each with an uptake drawn per case from a typical FDG range (``ORGAN_SUV``): brain,
+   myocardium (fasting varies it widely), blood pool, liver, spleen, kidneys, bladder (urine).
+   HU thresholds cannot find organs: the whole-body phantom (``dicomnode.phantom``) brings
+   its own masks; on a real CT only the mediastinum (soft tissue between the lungs, row by
+   row) is found, as blood pool. Plus random spherical lesions (given radius and contrast) in
+   soft tissue or lung, returned as a label map.
 2. **Resolution.** A Gaussian PSF (default 5.5 mm FWHM), then the PET grid (default 4 mm).
 3. **Counts.** Per axial slice, a parallel-beam forward projection (image rotation + sum),
    scaled so that the whole volume yields ``dose_mbq x frame_s x sensitivity`` expected
@@ -26,16 +29,42 @@ import numpy as np
 from scipy import ndimage as ndi
 
 __all__ = [
+    "ORGAN_SUV",
     "PetTwin",
     "UPTAKE",
     "activity_map",
+    "mediastinum",
     "osem",
+    "pet_truth",
     "project",
     "simulate_pet",
     "thin_counts",
 ]
 
 UPTAKE = {"lung": 0.5, "adipose": 0.35, "soft_tissue": 1.0, "marrow": 1.6, "cortical": 0.6}
+# SUVbw ranges of normal FDG uptake, one value drawn per case (adult, 60 min after injection)
+ORGAN_SUV = {"brain": (6.0, 10.0), "myocardium": (1.5, 8.0), "blood": (1.5, 2.2),
+             "liver": (2.0, 3.0), "spleen": (1.6, 2.4), "kidneys": (2.5, 5.0),
+             "bladder": (8.0, 20.0)}
+
+
+def mediastinum(lungs: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """The region between the two lungs, row by row, on slices where both are present (heart
+    and great vessels on a chest CT; the caller keeps its soft tissue)."""
+    out = np.zeros_like(lungs)
+    cols = np.arange(lungs.shape[2])
+    for k in np.nonzero(lungs.any(axis=(1, 2)))[0]:
+        centre = float(np.nonzero(body[k])[1].mean()) if body[k].any() else lungs.shape[2] / 2
+        right = lungs[k] & (cols[None, :] < centre)
+        left = lungs[k] & (cols[None, :] >= centre)
+        if not right.any() or not left.any():
+            continue
+        right_edge = np.where(right.any(axis=1), np.where(right, cols, -1).max(axis=1), -1)
+        left_edge = np.where(left.any(axis=1), np.where(left, cols, 1 << 30).min(axis=1), -1)
+        rows = (right_edge >= 0) & (left_edge >= 0)
+        out[k] = rows[:, None] & (cols[None, :] > right_edge[:, None]) \
+            & (cols[None, :] < left_edge[:, None])
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,8 +83,11 @@ def activity_map(hu: np.ndarray, spacing: tuple[float, float, float], *,
                  rng: np.random.Generator, lesions: int = 4,
                  radius_mm: tuple[float, float] = (5.0, 12.0),
                  contrast: tuple[float, float] = (3.0, 8.0),
-                 masks: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """SUV map and lesion labels on the CT grid (see the module docstring)."""
+                 masks: dict[str, np.ndarray] | None = None,
+                 organs: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """SUV map and lesion labels on the CT grid (see the module docstring). ``organs``: masks
+    by ``ORGAN_SUV`` key (the whole-body phantom's); without them, the mediastinum of a CT
+    with two lungs is blood pool."""
     if masks is None:
         from dicomnode.pipelines.ct_tissue import body_mask
 
@@ -71,8 +103,16 @@ def activity_map(hu: np.ndarray, spacing: tuple[float, float, float], *,
     suv[lungs] = UPTAKE["lung"]
     suv[body & (hu >= 200) & (hu < 600)] = UPTAKE["marrow"]
     suv[body & (hu >= 600)] = UPTAKE["cortical"]
+    if organs is None:
+        organs = {"blood": mediastinum(lungs, body) & (hu > -30) & (hu < 150)}
+    for name, mask in organs.items():
+        if mask.any():
+            suv[mask] = rng.uniform(*ORGAN_SUV[name])
     labels = np.zeros(hu.shape, np.uint16)
-    candidates = np.argwhere(body & (hu > -900) & (hu < 150))
+    busy = np.zeros_like(body)
+    for mask in organs.values():
+        busy |= mask
+    candidates = np.argwhere(body & (hu > -900) & (hu < 150) & ~busy)
     zz, yy, xx = np.ogrid[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
     placed = 0
     for _ in range(lesions * 20):
@@ -87,6 +127,7 @@ def activity_map(hu: np.ndarray, spacing: tuple[float, float, float], *,
         placed += 1
         labels[ball] = placed
         suv[ball] = max(UPTAKE["soft_tissue"], float(np.median(suv[ball]))) * rng.uniform(*contrast)
+        suv[ball & ~body] = 0.0
     return suv, labels
 
 
@@ -128,38 +169,97 @@ def thin_counts(counts: np.ndarray, drf: float, rng: np.random.Generator) -> np.
     return rng.binomial(counts.astype(np.int64), 1.0 / drf).astype(np.float64)
 
 
+def pet_truth(hu: np.ndarray, spacing: tuple[float, float, float], *,
+              rng: np.random.Generator, pet_mm: float = 4.0, fwhm_mm: float = 5.5,
+              lesions: int = 4, masks: dict[str, np.ndarray] | None = None,
+              organs: dict[str, np.ndarray] | None = None,
+              radius_mm: tuple[float, float] = (5.0, 12.0),
+              contrast: tuple[float, float] = (3.0, 8.0),
+              ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """The noise-free activity on the PET grid (SUV after the PSF), its lesion labels and the
+    PET voxel spacing."""
+    suv, labels = activity_map(hu, spacing, rng=rng, lesions=lesions, masks=masks,
+                               organs=organs, radius_mm=radius_mm, contrast=contrast)
+    sigma = [fwhm_mm / 2.3548 / s for s in spacing]
+    blurred = ndi.gaussian_filter(suv, sigma)
+    factors = [s / pet_mm for s in spacing]
+    truth = np.clip(ndi.zoom(blurred, factors, order=1), 0, None).astype(np.float32)
+    lesion_pet = ndi.zoom(labels, factors, order=0).astype(np.uint16)
+    pet_spacing = tuple(s / f for s, f in zip(spacing, factors, strict=True))
+    return truth, lesion_pet, pet_spacing  # type: ignore[return-value]
+
+
+def _crop(image: np.ndarray) -> tuple[slice, slice]:
+    """The smallest square around a slice's activity whose inscribed circle holds all of it
+    (so that rotating it in the projector loses nothing); the whole slice when larger."""
+    rows, cols = np.nonzero(image > 0)
+    if not len(rows):
+        return slice(0, 0), slice(0, 0)
+    cy, cx = (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2
+    side = int(np.ceil(np.hypot(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1))) + 4
+    if side >= min(image.shape):
+        return slice(0, image.shape[0]), slice(0, image.shape[1])
+    y0 = int(np.clip(round(cy - side / 2), 0, image.shape[0] - side))
+    x0 = int(np.clip(round(cx - side / 2), 0, image.shape[1] - side))
+    return slice(y0, y0 + side), slice(x0, x0 + side)
+
+
+def _osem_slice(args: tuple[np.ndarray, np.ndarray, tuple[int, int], int, int]) -> np.ndarray:
+    sino, ang, shape, iterations, subsets = args
+    if not shape[0]:
+        return np.zeros(shape)
+    return osem(sino, ang, shape, iterations=iterations, subsets=subsets)
+
+
 def simulate_pet(
     hu: np.ndarray, spacing: tuple[float, float, float], *, drfs: tuple[int, ...] = (4, 10),
     seed: int = 0, pet_mm: float = 4.0, fwhm_mm: float = 5.5, dose_mbq: float = 300.0,
     frame_s: float = 120.0, sensitivity_cps_per_mbq: float = 100.0, angles: int = 96,
     iterations: int = 3, subsets: int = 8, lesions: int = 4,
-    masks: dict[str, np.ndarray] | None = None,
+    radius_mm: tuple[float, float] = (5.0, 12.0), contrast: tuple[float, float] = (3.0, 8.0),
+    masks: dict[str, np.ndarray] | None = None, organs: dict[str, np.ndarray] | None = None,
+    processes: int = 1,
 ) -> PetTwin:
-    """Simulate full- and low-dose FDG PET from a CT volume (HU, slices along axis 0)."""
-    rng = np.random.default_rng(seed)
-    suv, labels = activity_map(hu, spacing, rng=rng, lesions=lesions, masks=masks)
-    sigma = [fwhm_mm / 2.3548 / s for s in spacing]
-    blurred = ndi.gaussian_filter(suv, sigma)
-    factors = [s / pet_mm for s in spacing]
-    truth = np.clip(ndi.zoom(blurred, factors, order=1), 0, None).astype(np.float32)
-    lesion_pet = ndi.zoom(labels, factors, order=0)
-    pet_spacing = tuple(s / f for s, f in zip(spacing, factors, strict=True))
-    ang = _angles(angles)
-    shape = truth.shape[1:]
-    clean = np.stack([project(sl, ang) for sl in truth])  # expected sinograms, SUV units
-    total = dose_mbq * frame_s * sensitivity_cps_per_mbq
-    scale = total / max(float(clean.sum()), 1e-9)  # counts per SUV unit of projection
-    counts = rng.poisson(clean * scale).astype(np.float64)
+    """Simulate full- and low-dose FDG PET from a CT volume (HU, slices along axis 0).
 
-    def recon(c: np.ndarray, keep: float) -> np.ndarray:
-        return np.stack([osem(s, ang, shape, iterations=iterations, subsets=subsets)
-                         for s in c]).astype(np.float32) / (scale * keep)
+    Each slice is projected and reconstructed within the square that holds its activity
+    (:func:`_crop`), which is exact for the parallel-beam projector and much faster on limbs
+    and heads; ``processes`` > 1 reconstructs slices in parallel.
+    """
+    rng = np.random.default_rng(seed)
+    truth, lesion_pet, pet_spacing = pet_truth(hu, spacing, rng=rng, pet_mm=pet_mm,
+                                               fwhm_mm=fwhm_mm, lesions=lesions, masks=masks,
+                                               organs=organs, radius_mm=radius_mm,
+                                               contrast=contrast)
+    ang = _angles(angles)
+    crops = [_crop(sl) for sl in truth]
+    # expected sinograms, SUV units
+    clean = [project(sl[c], ang) if sl[c].size else np.zeros((angles, 0))
+             for sl, c in zip(truth, crops, strict=True)]
+    total = dose_mbq * frame_s * sensitivity_cps_per_mbq
+    scale = total / max(float(sum(c.sum() for c in clean)), 1e-9)  # counts per SUV unit
+    counts = [rng.poisson(c * scale).astype(np.float64) for c in clean]
+
+    def recon(sinos: list[np.ndarray], keep: float) -> np.ndarray:
+        jobs = [(sino, ang, (c[0].stop - c[0].start, c[1].stop - c[1].start), iterations,
+                 subsets) for sino, c in zip(sinos, crops, strict=True)]
+        if processes > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(processes) as pool:
+                slices = pool.map(_osem_slice, jobs, chunksize=4)
+        else:
+            slices = [_osem_slice(j) for j in jobs]
+        out = np.zeros(truth.shape, np.float32)
+        for k, (img, c) in enumerate(zip(slices, crops, strict=True)):
+            out[k][c] = img / (scale * keep)
+        return out
 
     full = recon(counts, 1.0)
-    low, totals = {}, {1: float(counts.sum())}
+    low, totals = {}, {1: float(sum(c.sum() for c in counts))}
     for drf in drfs:
-        thinned = thin_counts(counts, drf, rng)
-        totals[drf] = float(thinned.sum())
+        thinned = [thin_counts(c, drf, rng) for c in counts]
+        totals[drf] = float(sum(c.sum() for c in thinned))
         low[drf] = recon(thinned, 1.0 / drf)
-    return PetTwin(truth=truth, full=full, low=low, lesions=lesion_pet.astype(np.uint16),
-                   spacing=pet_spacing, counts=totals)  # type: ignore[arg-type]
+    return PetTwin(truth=truth, full=full, low=low, lesions=lesion_pet,
+                   spacing=pet_spacing, counts=totals)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dicomnode.sample import phantom_hu
-from dicomnode.simulate import simulate_pet
+from dicomnode.simulate import pet_truth, simulate_pet
 
 __all__ = ["simulated_pet_pairs", "site_pet_pairs"]
 
@@ -21,12 +21,26 @@ def _lidc() -> Path | None:
     return lidc if lidc.is_dir() else None
 
 
-def _training_cts(cases: int, *, phantom: tuple[int, int], pixel_mm: float, lidc_step: int
-                  ) -> Iterator[tuple[np.ndarray, tuple[float, float, float], np.ndarray, str]]:
-    """(HU, spacing, affine, name) of each training CT: lidc-idri-0001 first when the shared
-    data is present (every ``lidc_step``-th voxel), then generated phantoms of
-    ``phantom = (slices, size)`` with 2.5 mm slices and ``pixel_mm`` pixels."""
+@dataclass(frozen=True)
+class TrainingCT:
+    """One CT the twin simulates from: HU, voxel spacing, affine, organ masks (or None)."""
+
+    hu: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    name: str
+    organs: dict[str, np.ndarray] | None = None
+
+
+def _training_cts(cases: int, *, seed: int, lidc_step: int,
+                  z_window_mm: float | None = None) -> Iterator[TrainingCT]:
+    """The CTs the twin simulates from: lidc-idri-0001 first when the shared data is present
+    (every ``lidc_step``-th voxel), then whole-body phantoms (``dicomnode.phantom``, seeds
+    ``seed``, ``seed + 1``, ...), each cropped to a random ``z_window_mm`` when given."""
+    from dicomnode.phantom import whole_body
+
     lidc = _lidc()
+    rng = np.random.default_rng(seed)
     for i in range(cases):
         if lidc is not None and i == 0:
             from dicomnode.volume import load_series
@@ -35,53 +49,62 @@ def _training_cts(cases: int, *, phantom: tuple[int, int], pixel_mm: float, lidc
             s = lidc_step
             affine = vol.affine.copy()
             affine[:3, :3] *= s
-            yield (vol.array[::s, ::s, ::s],
-                   (vol.spacing[0] * s, vol.spacing[1] * s, vol.spacing[2] * s), affine,
-                   "lidc-idri-0001")
-        else:
-            px = pixel_mm
-            affine = np.array([[0, 0, px, 0], [0, px, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1.0]])
-            yield phantom_hu(*phantom), (2.5, px, px), affine, "phantom"
+            yield TrainingCT(vol.array[::s, ::s, ::s],
+                             (vol.spacing[0] * s, vol.spacing[1] * s, vol.spacing[2] * s),
+                             affine, "lidc-idri-0001")
+            continue
+        z_range = None
+        if z_window_mm:
+            z0 = float(rng.uniform(0.0, 1650.0 - z_window_mm))
+            z_range = (z0, z0 + z_window_mm)
+        body = whole_body(seed + i, z_range_mm=z_range)
+        yield TrainingCT(body.hu, body.spacing, body.affine, "whole-body phantom",
+                         body.organs)
 
 
-def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0
-                        ) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
-    """(low-dose SUV, full-dose SUV) pairs from the twin, and a description of the data.
+def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
+                        z_window_mm: float = 320.0, processes: int = 1
+                        ) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], str]:
+    """(low-dose SUV, full-dose SUV, lesion labels) from the twin, and a description.
 
-    Cases vary in dose (150-400 MBq), scanner sensitivity (60-140 cps/MBq) and PSF (4.5-6.5 mm
-    FWHM), standing in for different centres; anatomy from generated phantoms and, when the
-    shared data is present, from lidc-idri-0001.
+    Cases vary in dose (150-400 MBq), scanner sensitivity (60-140 cps/MBq), PSF (4.5-6.5 mm
+    FWHM), lesion count (3-8), size (4-15 mm radius) and contrast (2-10 x), standing in for
+    different centres and patients; anatomy from whole-body phantoms with organ uptake (a
+    random ``z_window_mm`` of each) and, when the shared data is present, lidc-idri-0001.
     """
     rng = np.random.default_rng(seed)
-    pairs = []
+    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
     sources = []
-    for i, (hu, spacing, _affine, name) in enumerate(
-            _training_cts(cases, phantom=(48, 192), pixel_mm=1.4, lidc_step=2)):
-        twin = simulate_pet(hu, spacing, drfs=drfs, seed=seed + i, angles=64,
+    for i, ct in enumerate(_training_cts(cases, seed=seed, lidc_step=2,
+                                         z_window_mm=z_window_mm)):
+        twin = simulate_pet(ct.hu, ct.spacing, drfs=drfs, seed=seed + i, angles=64,
                             dose_mbq=float(rng.uniform(150, 400)),
                             sensitivity_cps_per_mbq=float(rng.uniform(60, 140)),
-                            fwhm_mm=float(rng.uniform(4.5, 6.5)), lesions=int(rng.integers(2, 7)))
+                            fwhm_mm=float(rng.uniform(4.5, 6.5)), lesions=int(rng.integers(3, 9)),
+                            radius_mm=(4.0, 15.0), contrast=(2.0, 10.0), organs=ct.organs,
+                            processes=processes)
         for low in twin.low.values():
-            pairs.append((low, twin.full))
-        sources.append(name)
+            pairs.append((low, twin.full, twin.lesions))
+        sources.append(ct.name)
     desc = (f"SIMULATED data only: {cases} cases of dicomnode's PET/CT twin "
             f"({', '.join(sorted(set(sources)))}), DRF {', '.join(map(str, drfs))}, seed {seed}")
     return pairs, desc
 
 
-def site_pet_pairs(pair_dirs: list[str]) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+def site_pet_pairs(pair_dirs: list[str]
+                   ) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], str]:
     """Pairs from a site's own DICOM folders given as LOW_DIR:FULL_DIR (SUV when possible)."""
     from dicomnode.pipelines.pet_denoise import to_suv
     from dicomnode.volume import load_series
 
-    pairs = []
+    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
     for spec in pair_dirs:
         low_dir, _, full_dir = str(spec).partition(":")
         low = load_series(sorted(p for p in Path(low_dir).rglob("*") if p.is_file()))
         full = load_series(sorted(p for p in Path(full_dir).rglob("*") if p.is_file()))
         if low.shape != full.shape:
             raise ValueError(f"{spec}: low and full dose grids differ")
-        pairs.append((to_suv(low)[0], to_suv(full)[0]))
+        pairs.append((to_suv(low)[0], to_suv(full)[0], None))
     return pairs, f"site data: {len(pairs)} low/full-dose pairs"
 
 
@@ -95,19 +118,17 @@ def simulated_ct2pet_cases(*, cases: int, seed: int = 0
 
     out = []
     sources = []
-    for i, (hu, spacing, affine, name) in enumerate(
-            _training_cts(cases, phantom=(60, 256), pixel_mm=0.7, lidc_step=1)):
-        twin = simulate_pet(hu, spacing, drfs=(), seed=seed + i, angles=16, iterations=1,
-                            subsets=2, lesions=0)
-        factors = [s / 4.0 for s in spacing]
-        ct4 = norm_ct(ndi.zoom(hu, factors, order=1))[: twin.truth.shape[0],
-                                                        : twin.truth.shape[1],
-                                                        : twin.truth.shape[2]]
-        masks = {k: ndi.zoom(v.astype(np.uint8), factors, order=0)[: ct4.shape[0],
-                                                                   : ct4.shape[1],
-                                                                   : ct4.shape[2]] > 0
-                 for k, v in district_masks(hu, spacing, affine).items()}
-        out.append((ct4, (np.clip(twin.truth, 0, SUV_MAX) / SUV_MAX).astype(np.float32), masks))
-        sources.append(name)
+    rng = np.random.default_rng(seed)
+    for ct in _training_cts(cases, seed=seed, lidc_step=1):
+        truth, _, _ = pet_truth(ct.hu, ct.spacing, rng=rng, lesions=0, organs=ct.organs)
+        factors = [s / 4.0 for s in ct.spacing]
+        ct4 = norm_ct(ndi.zoom(ct.hu, factors, order=1))
+        n = tuple(min(a, b) for a, b in zip(ct4.shape, truth.shape, strict=True))
+        masks = {k: ndi.zoom(v.astype(np.uint8), factors, order=0)[: n[0], : n[1], : n[2]] > 0
+                 for k, v in district_masks(ct.hu, ct.spacing, ct.affine).items()}
+        out.append((ct4[: n[0], : n[1], : n[2]],
+                    (np.clip(truth[: n[0], : n[1], : n[2]], 0, SUV_MAX) / SUV_MAX
+                     ).astype(np.float32), masks))
+        sources.append(ct.name)
     return out, (f"SIMULATED data only: {cases} CTs ({', '.join(sorted(set(sources)))}) with "
-                 f"noise-free activity from dicomnode's PET/CT twin, seed {seed}")
+                 f"noise-free activity (organ uptake) from dicomnode's PET/CT twin, seed {seed}")

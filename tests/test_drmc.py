@@ -62,3 +62,32 @@ def test_short_training_lowers_the_loss() -> None:
         opt.step()
         losses.append(float(loss))
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+
+
+def test_lesion_patches_hold_a_lesion_and_training_writes_a_model(tmp_path) -> None:
+    import json
+
+    import numpy as np
+    import yaml
+
+    from dicomnode.pipelines.pet_denoise import draw_patch, train
+
+    rng = np.random.default_rng(0)
+    lesions = np.zeros((40, 40, 40), np.uint16)
+    lesions[30:33, 5:8, 20:23] = 1
+    where = np.argwhere(lesions > 0)
+    for _ in range(200):
+        sl = draw_patch(rng, lesions.shape, 16, where)
+        assert lesions[sl].any() and all(s.stop - s.start == 16 for s in sl)
+    uniform = [lesions[draw_patch(rng, lesions.shape, 16)].any() for _ in range(200)]
+    assert sum(uniform) < 100  # uniform patches mostly miss a small lesion
+    full = rng.uniform(0.5, 1.5, (40, 40, 40)).astype(np.float32)
+    full[lesions > 0] = 8.0
+    low = full + rng.normal(0, 0.5, full.shape).astype(np.float32)
+    stats = train(output=tmp_path / "m", pairs=[(low, full, lesions)], seconds=3, patch=16,
+                  batch=2, params={"channels": 8, "experts": 2, "blocks": 1, "heads": 2,
+                                   "hidden": 4}, trained_on="a unit test", version="0.0.1")
+    assert stats["iterations"] > 0 and stats["lesion_fraction"] == 0.5
+    manifest = yaml.safe_load((tmp_path / "m" / "manifest.yaml").read_text())
+    assert manifest["version"] == "0.0.1" and manifest["trained_on"] == "a unit test"
+    assert json.loads((tmp_path / "m" / "training.json").read_text())["pairs"] == 1

@@ -74,3 +74,65 @@ def test_lowdose_from_a_real_pet(tmp_path: Path) -> None:
     hot = orig.array > 0.2 * orig.array.max()
     assert low.array[hot].mean() == pytest.approx(orig.array[hot].mean(), rel=0.15)
     assert np.std(low.array[hot] - orig.array[hot]) > 0  # noisier than the source
+
+
+@pytest.fixture(scope="module")
+def body() -> object:
+    from dicomnode.phantom import whole_body
+
+    return whole_body(11, slice_mm=6.0, pixel_mm=5.0)
+
+
+def test_districts_of_the_whole_body_phantom(body) -> None:
+    """ct-tissue's district logic on a body that shows head, arms, trunk and legs."""
+    from dicomnode.pipelines.ct2pet import district_masks
+
+    d = district_masks(body.hu, body.spacing, body.affine)
+    z = {k: np.nonzero(m.any(axis=(1, 2)))[0] for k, m in d.items()}
+    assert all(len(v) for v in z.values()), {k: len(v) for k, v in z.items()}
+    assert z["legs"].max() < z["trunk"].min() <= z["trunk"].max() < z["head_neck"].min()
+    assert z["legs"].min() == 0 and z["head_neck"].max() >= body.hu.shape[0] - 2
+    # arms lie beside the trunk, left and right of it, at trunk levels
+    assert z["trunk"].min() <= z["arms"].min() and z["arms"].max() <= z["trunk"].max()
+    cols = np.nonzero(d["arms"].any(axis=(0, 1)))[0]
+    trunk_cols = np.nonzero(d["trunk"][len(body.hu) // 2].any(axis=0))[0]
+    assert cols.min() < trunk_cols.min() and cols.max() > trunk_cols.max()
+    # the brain is inside the head, the bladder inside the trunk, the districts do not overlap
+    assert (body.organs["brain"] <= d["head_neck"] | ~(body.hu > -500)).all()
+    assert d["trunk"][body.organs["bladder"]].mean() > 0.95
+    assert not (d["legs"] & d["trunk"]).any() and not (d["arms"] & d["trunk"]).any()
+
+
+def test_organ_uptake_in_the_activity_map(body) -> None:
+    from dicomnode.simulate import ORGAN_SUV, UPTAKE, activity_map
+
+    suv, labels = activity_map(body.hu, body.spacing, rng=np.random.default_rng(5), lesions=0,
+                               organs=body.organs)
+    assert labels.max() == 0
+    for name, (lo, hi) in ORGAN_SUV.items():
+        values = np.unique(suv[body.organs[name]])
+        assert len(values) == 1 and lo <= values[0] <= hi, (name, values)
+    assert suv[body.organs["brain"]].mean() > 2 * suv[body.organs["liver"]].mean()
+    muscle = (body.hu > 20) & (body.hu < 70) & ~np.any(list(body.organs.values()), axis=0)
+    assert np.median(suv[muscle]) == UPTAKE["soft_tissue"]
+
+
+def test_mediastinum_of_a_real_chest_ct_is_blood_pool() -> None:
+    from dicomnode.pipelines.ct_tissue import body_mask
+    from dicomnode.simulate import ORGAN_SUV, activity_map, mediastinum
+
+    vol = load_series(sorted((DATA / "ct" / "lidc-idri-0001").glob("*.dcm")))
+    hu = vol.array[:, ::2, ::2]
+    spacing = (vol.spacing[0], vol.spacing[1] * 2, vol.spacing[2] * 2)
+    body = body_mask(hu)
+    lungs = body & (hu < -400)
+    med = mediastinum(lungs, body)
+    ml = med.sum() * np.prod(spacing) / 1000
+    assert 150 < ml < 3000, ml
+    # between the lungs: left of the right lung's centre, right of the left lung's
+    cols = np.nonzero(lungs.any(axis=(0, 1)))[0]
+    assert cols.min() < np.nonzero(med.any(axis=(0, 1)))[0].mean() < cols.max()
+    suv, _ = activity_map(hu, spacing, rng=np.random.default_rng(0), lesions=0)
+    soft_med = med & (hu > -30) & (hu < 150)
+    lo, hi = ORGAN_SUV["blood"]
+    assert lo <= float(np.median(suv[soft_med])) <= hi

@@ -151,7 +151,8 @@ def district_masks(hu: np.ndarray, spacing: tuple[float, float, float],
 
 
 def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict]],
-                 seconds: float, trained_on: str, seed: int = 0) -> dict[str, Any]:
+                 seconds: float, trained_on: str, seed: int = 0, version: str = "1.0.0"
+                 ) -> dict[str, Any]:
     """Train the whole-body model and one per district present; write the model directory.
 
     ``cases``: (CT [0,1], SUV/20, district masks) on the PET grid.
@@ -182,7 +183,7 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
     output.mkdir(parents=True, exist_ok=True)
     torch.save(states, output / "model.pt")
     sha = hashlib.sha256((output / "model.pt").read_bytes()).hexdigest()
-    manifest = {"name": output.name, "version": "1.0.0", "task": "ct2pet",
+    manifest = {"name": output.name, "version": version, "task": "ct2pet",
                 "network": {"class": "dicomnode.pipelines.ct2pet:Generator",
                             "params": {"width": 16}, "districts": ["whole_body", *present]},
                 "modality": "CT", "spacing_mm": [4.0, 4.0, 4.0], "roi_size": [32, 32, 32],

@@ -32,7 +32,7 @@ from dicomnode.volume import SeriesVolume, load_series
 from dicomnode.write.common import OutputIdentity
 from dicomnode.write.pet import build_derived_pet
 
-__all__ = ["DEFAULT_MODEL", "denoise", "run", "to_suv", "train"]
+__all__ = ["DEFAULT_MODEL", "denoise", "draw_patch", "run", "to_suv", "train"]
 
 DEFAULT_MODEL = "pet-denoise-drmc"
 SCALE = 10.0  # the network sees SUV / 10
@@ -94,12 +94,34 @@ def run(ctx: JobContext) -> list[OutputFile]:
     return outputs
 
 
+def draw_patch(rng: np.random.Generator, shape: tuple[int, ...], patch: int,
+               lesion_voxels: np.ndarray | None = None) -> tuple[slice, ...]:
+    """A training patch: anywhere, or centred (give or take a quarter patch) on one of
+    ``lesion_voxels`` (N x 3 indices), so that it always holds that voxel."""
+    if lesion_voxels is None:
+        c = [int(rng.integers(0, s - patch + 1)) for s in shape]
+    else:
+        centre = lesion_voxels[int(rng.integers(len(lesion_voxels)))] \
+            + rng.integers(-(patch // 4), patch // 4 + 1, size=3)
+        c = [int(np.clip(m - patch // 2, 0, s - patch)) for m, s in zip(centre, shape,
+                                                                         strict=True)]
+    return tuple(slice(a, a + patch) for a in c)
+
+
 def train(
-    *, output: Path, pairs: list[tuple[np.ndarray, np.ndarray]], seconds: float, patch: int = 16,
-    batch: int = 8, params: dict[str, Any] | None = None, trained_on: str, version: str = "1.0.0",
-    seed: int = 0, lr: float = 1e-4,
+    *, output: Path, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+    seconds: float, patch: int = 16, batch: int = 8, params: dict[str, Any] | None = None,
+    trained_on: str, version: str = "1.0.0", seed: int = 0, lr: float = 1e-4,
+    lesion_fraction: float = 0.5,
 ) -> dict[str, Any]:
-    """Train DRMC on (low, full) SUV pairs and write ``output`` (manifest + weights)."""
+    """Train DRMC on (low, full, lesion labels or None) SUV pairs and write ``output``
+    (manifest + weights).
+
+    Patches are drawn uniformly, except that a ``lesion_fraction`` of them is centred (with
+    a random shift of up to a quarter patch) on a lesion voxel where the pair has lesion
+    labels: lesions are a tiny share of the voxels, and a network trained on uniform patches
+    learns to smooth them away (the first shipped model did: lesion SUVmean bias 0.36).
+    """
     import hashlib
 
     import torch
@@ -112,16 +134,19 @@ def train(
     rng = np.random.default_rng(seed)
     net = drmc_from_params(**params)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    usable = [(lo, fu) for lo, fu in pairs if min(lo.shape) >= patch]
+    usable = [(lo, fu, None if les is None or not les.any() else np.argwhere(les > 0))
+              for lo, fu, les in pairs if min(lo.shape) >= patch]
     if not usable:
         raise ValueError(f"no training pair is at least {patch} voxels in every direction")
+    with_lesions = [u for u in usable if u[2] is not None]
     t0, losses, it = time.perf_counter(), [], 0
     while time.perf_counter() - t0 < seconds:
         xs, ys = [], []
         for _ in range(batch):
-            lo, fu = usable[int(rng.integers(len(usable)))]
-            c = [int(rng.integers(0, s - patch + 1)) for s in lo.shape]
-            sl = tuple(slice(a, a + patch) for a in c)
+            on_lesion = bool(with_lesions) and rng.random() < lesion_fraction
+            lo, fu, where = (with_lesions if on_lesion else usable)[
+                int(rng.integers(len(with_lesions if on_lesion else usable)))]
+            sl = draw_patch(rng, lo.shape, patch, where if on_lesion else None)
             xs.append(lo[sl] / SCALE)
             ys.append(fu[sl] / SCALE)
         x = torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
@@ -146,7 +171,9 @@ def train(
         "licence": "Apache-2.0 (weights trained by dicomnode's own command)",
     }
     (output / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    stats = {"iterations": it, "seconds": time.perf_counter() - t0,
+    stats = {"iterations": it, "seconds": time.perf_counter() - t0, "patch": patch,
+             "batch": batch, "lesion_fraction": lesion_fraction if with_lesions else 0.0,
+             "pairs": len(usable),
              "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:]))}
     (output / "training.json").write_text(json.dumps(stats, indent=2))
     return stats
