@@ -417,21 +417,40 @@ def simulate() -> None:
 @simulate.command("pet")
 @click.option("--ct", "ct_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="CT series folder (default: a generated phantom).")
+@click.option("--phantom", type=click.Choice(["chest", "whole-body"]), default="chest",
+              show_default=True, help="The phantom written as the CT when no --ct is given: "
+              "a small chest, or a whole body with organs (brain, heart, liver, ...).")
+@click.option("--z-range", nargs=2, type=float, default=None,
+              help="Whole-body phantom only: heights above the soles to keep, in mm "
+              "(e.g. 900 1300 for the abdomen and lower chest).")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--drf", "drfs", multiple=True, type=int, default=(4, 10), show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--dose-mbq", default=300.0, show_default=True)
-def simulate_pet_cmd(ct_dir: Path | None, output_dir: Path, drfs: tuple[int, ...], seed: int,
+def simulate_pet_cmd(ct_dir: Path | None, phantom: str, z_range: tuple[float, float] | None,
+                     output_dir: Path, drfs: tuple[int, ...], seed: int,
                      dose_mbq: float) -> None:
     """Write CT, full-dose PET, low-dose PET per DRF and a lesion SEG under OUTPUT."""
-    from dicomnode.sample import write_phantom_ct
+    from dicomnode.sample import write_ct_series, write_phantom_ct
     from dicomnode.simulate_io import write_case
 
-    if ct_dir is None:
-        files = write_phantom_ct(output_dir / "phantom-ct", slices=60, size=256)
-    else:
+    organs = None
+    if ct_dir is not None:
         files = sorted(p for p in ct_dir.rglob("*") if p.is_file() and p.suffix != ".xml")
-    case = write_case(files, output_dir, drfs=drfs, seed=seed, dose_mbq=dose_mbq)
+    elif phantom == "whole-body":
+        from dicomnode.phantom import whole_body
+
+        body = whole_body(seed, z_range_mm=z_range)
+        origin = tuple(float(v) for v in body.affine[:3, 3])
+        files = write_ct_series(output_dir / "phantom-ct", body.hu, body.spacing,
+                                origin=(origin[0], origin[1], origin[2]),
+                                description="Phantom whole-body CT (synthetic)",
+                                body_part="WHOLEBODY")
+        organs = body.organs
+    else:
+        files = write_phantom_ct(output_dir / "phantom-ct", slices=60, size=256)
+    case = write_case(files, output_dir, drfs=drfs, seed=seed, dose_mbq=dose_mbq,
+                      organs=organs, processes=os.cpu_count() or 1)
     click.echo(f"CT {case.ct}\nfull dose {case.full}")
     for drf, path in case.low.items():
         click.echo(f"DRF {drf}: {path}")

@@ -8,7 +8,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-__all__ = ["phantom_hu", "write_phantom_ct"]
+__all__ = ["phantom_hu", "write_ct_series", "write_phantom_ct"]
 
 
 def phantom_hu(n: int, size: int) -> np.ndarray:
@@ -34,11 +34,21 @@ def phantom_hu(n: int, size: int) -> np.ndarray:
 
 
 def write_phantom_ct(folder: Path, *, slices: int = 60, size: int = 256) -> list[Path]:
-    """Write the phantom as a CT Image Storage series; returns the files."""
+    """Write the chest phantom as a CT Image Storage series; returns the files."""
+    return write_ct_series(folder, phantom_hu(slices, size), (2.5, 0.7, 0.7),
+                           origin=(-size * 0.35, -size * 0.35, -100.0),
+                           description="Phantom chest CT (synthetic)", body_part="CHEST")
+
+
+def write_ct_series(folder: Path, hu: np.ndarray, spacing: tuple[float, float, float], *,
+                    origin: tuple[float, float, float], description: str,
+                    body_part: str) -> list[Path]:
+    """Write HU (slices, rows, cols; slice k at ``origin`` + k x spacing[0] along +z, axial,
+    rows along +y, columns along +x) as a CT Image Storage series; returns the files."""
     folder.mkdir(parents=True, exist_ok=True)
-    hu = phantom_hu(slices, size)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     paths = []
+    slices = hu.shape[0]
     for k in range(slices):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
@@ -54,20 +64,20 @@ def write_phantom_ct(folder: Path, *, slices: int = 60, size: int = 256) -> list
         ds.StudyTime = ds.SeriesTime = "120000"
         ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, k + 1
-        ds.SeriesDescription = "Phantom chest CT (synthetic)"
+        ds.SeriesDescription, ds.BodyPartExamined = description, body_part
         ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame, ""
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImagePositionPatient = [-size * 0.35, -size * 0.35, -100 + 2.5 * k]
+        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + spacing[0] * k]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [0.7, 0.7]
-        ds.SliceThickness = 2.5
+        ds.PixelSpacing = [spacing[1], spacing[2]]
+        ds.SliceThickness = spacing[0]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows = ds.Columns = size
+        ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
         ds.KVP, ds.AcquisitionNumber, ds.PatientPosition = 120, 1, "HFS"
         ds.Manufacturer = "dicomnode phantom"
-        ds.PixelData = (np.round(hu[k]) + 1024).astype(np.int16).tobytes()
+        ds.PixelData = (np.round(np.clip(hu[k], -1024, 3000)) + 1024).astype(np.int16).tobytes()
         path = folder / f"{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

@@ -136,3 +136,23 @@ def test_mediastinum_of_a_real_chest_ct_is_blood_pool() -> None:
     soft_med = med & (hu > -30) & (hu < 150)
     lo, hi = ORGAN_SUV["blood"]
     assert lo <= float(np.median(suv[soft_med])) <= hi
+
+
+def test_simulate_whole_body_phantom_from_the_cli(tmp_path: Path) -> None:
+    """`dicomnode simulate pet --phantom whole-body`: CT and PET valid, one Frame of Reference,
+    the heart's uptake (myocardium, blood pool) above the lungs'."""
+    out = tmp_path / "case"
+    proc = subprocess.run([sys.executable, "-m", "dicomnode.cli", "simulate", "pet",
+                           "--phantom", "whole-body", "--z-range", "1200", "1280", "--drf", "4",
+                           "--seed", "2", "--output", str(out)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ct = load_series(sorted((out / "ct").iterdir()))
+    full = load_series(sorted((out / "pet-full").iterdir()))
+    assert ct.frame_of_reference_uid == full.frame_of_reference_uid
+    for folder in ("ct", "pet-full", "pet-drf4"):
+        errors, _ = dciodvfy(sorted((out / folder).iterdir())[0])
+        assert errors == [], (folder, errors)
+    suv = full.array * full.suv.factor
+    assert suv.max() > 1.5  # organ uptake (the heart is at these heights)
+    assert np.isclose(ct.affine[2, 3], 1202.0)
