@@ -72,3 +72,77 @@ def test_ct2pet_synthetic_pet_on_lidc(tmp_path: Path) -> None:
     # the model learned the tissue mapping of its (simulated) training data
     assert pet.array[lung].mean() < pet.array[soft].mean()
     assert pet.array[~body].mean() < 0.3 * pet.array[soft].mean()
+
+
+def test_pet_denoise_and_ct2pet_run_from_rules_in_the_node(make_node) -> None:
+    """A PET and a CT sent to a running node come back as an enhanced PET and a synthetic PET,
+    each job recording the model and version it used."""
+    from sqlalchemy import select
+
+    from dicomnode.audit.models import Job, JobStatus, Output
+    from tests.conftest import storescu, wait_for
+
+    node = make_node(rules=[
+        {"name": "pet", "match": {"Modality": {"equals": "PT"}}, "pipelines": ["pet-denoise"],
+         "models": {"pet-denoise": "pet-denoise-drmc"}},
+        {"name": "ct", "match": {"Modality": {"equals": "CT"}}, "pipelines": ["ct2pet"],
+         "models": {"ct2pet": "ct2pet-district"}}],
+        completion={"quiet_period_s": 1, "max_wait_s": 60},
+        executor={"workers": 1, "poll_interval_s": 0.2})
+    pet_src = DATA / "pet" / "ge-advance-bigendian"
+    assert storescu(pet_src, node.port, pattern="*").returncode == 0
+    assert storescu(LIDC, node.port).returncode == 0
+
+    def finished() -> list[Job] | None:
+        with node.session() as s:
+            jobs = s.execute(select(Job)).scalars().all()
+        done = [j for j in jobs if j.status not in (JobStatus.QUEUED, JobStatus.RUNNING)]
+        return jobs if len(jobs) == 2 and len(done) == 2 else None
+
+    jobs = {j.pipeline: j for j in wait_for(finished, timeout=300, interval=0.5)}
+    manifests, _ = scan_models(ROOT / "models")
+    for pipeline, model in (("pet-denoise", "pet-denoise-drmc"), ("ct2pet", "ct2pet-district")):
+        job = jobs[pipeline]
+        assert job.status == JobStatus.SUCCEEDED, job.error_detail
+        assert (job.model_name, job.model_version) == (model, manifests[model].manifest.version)
+    with node.session() as s:
+        outputs = s.execute(select(Output)).scalars().all()
+    by_job: dict[int, list[Output]] = {}
+    for o in outputs:
+        by_job.setdefault(o.job_id, []).append(o)
+    assert len(by_job[jobs["pet-denoise"].id]) == 35
+    assert len(by_job[jobs["ct2pet"].id]) == len(list(LIDC.glob("*.dcm")))
+    assert {o.kind for o in outputs} == {"PT"}
+    assert node.stop() == 0
+
+
+def test_ct2pet_training_writes_district_models(tmp_path: Path) -> None:
+    """train_ct2pet: a whole-body model plus one per district present, patches of a district
+    model drawn around its own voxels; the model directory loads and synthesizes."""
+    import yaml
+
+    from dicomnode.models import scan_models
+    from dicomnode.pipelines.ct2pet import load_generators, predict, train_ct2pet
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for _ in range(2):
+        ct = rng.uniform(0.4, 0.6, (40, 40, 40)).astype(np.float32)
+        pet = (ct * 0.1).astype(np.float32)
+        legs = np.zeros(ct.shape, bool)
+        legs[:20] = True
+        masks = {"head_neck": np.zeros(ct.shape, bool), "trunk": ~legs, "arms":
+                 np.zeros(ct.shape, bool), "legs": legs}
+        cases.append((ct, pet, masks))
+    stats = train_ct2pet(output=tmp_path / "m", cases=cases, seconds=6, trained_on="unit test",
+                         version="0.0.2")
+    assert set(stats) == {"whole_body", "trunk", "legs"}
+    assert all(s["iterations"] > 0 for s in stats.values())
+    manifest = yaml.safe_load((tmp_path / "m" / "manifest.yaml").read_text())
+    assert manifest["network"]["districts"] == ["whole_body", "trunk", "legs"]
+    assert manifest["version"] == "0.0.2"
+    found, problems = scan_models(tmp_path)
+    assert problems == []
+    gens = load_generators(found["m"], "cpu")
+    out = predict(gens["legs"], cases[0][0])
+    assert out.shape == (40, 40, 40) and 0 <= out.min() and out.max() <= 20

@@ -100,8 +100,14 @@ def predict(generator: Any, ct01: np.ndarray, *, device: str = "cpu") -> np.ndar
 
 
 def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float, seed: int = 0,
-                  width: int = 16, l1_weight: float = 100.0, batch: int = 4) -> tuple[Any, dict]:
-    """Pix2Pix on (CT [0,1], SUV/20) pairs of 32^3 patches: Adam 2e-4, adversarial + L1."""
+                  width: int = 16, l1_weight: float = 100.0, batch: int = 4,
+                  centres: list[np.ndarray] | None = None) -> tuple[Any, dict]:
+    """Pix2Pix on (CT [0,1], SUV/20) pairs of 32^3 patches: Adam 2e-4, adversarial + L1.
+
+    Patches are drawn anywhere in a pair, or, with ``centres`` (voxel indices, N x 3, per
+    pair), around one of those voxels: a district model sees its district's anatomy with the
+    true activity around it, and nothing of the other districts' insides.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen, disc = Generator(width), Discriminator(width)
@@ -112,8 +118,14 @@ def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float,
     while time.perf_counter() - t0 < seconds:
         xs, ys = [], []
         for _ in range(batch):
-            ct, pet = pairs[int(rng.integers(len(pairs)))]
-            c = [int(rng.integers(0, max(1, s - PATCH + 1))) for s in ct.shape]
+            i = int(rng.integers(len(pairs)))
+            ct, pet = pairs[i]
+            if centres is None:
+                c = [int(rng.integers(0, max(1, s - PATCH + 1))) for s in ct.shape]
+            else:
+                m = centres[i][int(rng.integers(len(centres[i])))]
+                c = [int(np.clip(v - PATCH // 2, 0, max(0, s - PATCH)))
+                     for v, s in zip(m, ct.shape, strict=True)]
             sl = tuple(slice(a, a + PATCH) for a in c)
             xs.append(np.pad(ct[sl], [(0, PATCH - n) for n in ct[sl].shape], mode="edge"))
             ys.append(np.pad(pet[sl], [(0, PATCH - n) for n in pet[sl].shape], mode="edge"))
@@ -170,15 +182,10 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
                                              seed=seed)
     states["whole_body"] = gen.state_dict()
     for d in present:
-        pairs = []
-        for c, p, m in cases:
-            if m[d].sum() == 0:
-                continue
-            idx = np.argwhere(m[d])
-            lo, hi = idx.min(0), idx.max(0) + 1
-            box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-            pairs.append((c[box], np.where(m[d][box], p[box], 0).astype(np.float32)))
-        gen, stats[d] = train_pix2pix(pairs, seconds=share, seed=seed + 1)
+        with_d = [(c, p, m[d]) for c, p, m in cases if m[d].any()]
+        gen, stats[d] = train_pix2pix([(c, p) for c, p, _ in with_d], seconds=share,
+                                      seed=seed + 1,
+                                      centres=[np.argwhere(m) for _, _, m in with_d])
         states[d] = gen.state_dict()
     output.mkdir(parents=True, exist_ok=True)
     torch.save(states, output / "model.pt")
