@@ -129,6 +129,9 @@ class Assembler:
         self.factory = factory
         self.model_versions = model_versions or {}
         self._rules_cache: dict[int, list[RuleEvaluation]] = {}
+        # series id -> ((instance count, last received), content problem, rows counted): the
+        # slice positions are re-read only when the series has received something new
+        self._content_cache: dict[int, tuple[tuple[int, datetime], str | None, int]] = {}
 
     def _evaluations(self, series: Series) -> list[RuleEvaluation]:
         cached = self._rules_cache.get(series.id)
@@ -151,6 +154,10 @@ class Assembler:
                 select(Series).where(Series.state == SeriesState.RECEIVING)
             ).scalars().all()
             session.expunge_all()  # plain snapshots: no lazy reloads below
+        receiving = {series.id for series in candidates}
+        for cache in (self._rules_cache, self._content_cache):
+            for gone in set(cache) - receiving:  # completed or deleted: forget them
+                del cache[gone]
         done = []
         for series in candidates:
             try:
@@ -175,21 +182,27 @@ class Assembler:
                     )
                 ).scalar()
             )
-            rows = session.execute(
-                select(Instance.position, Instance.orientation).where(
-                    Instance.series_id == series.id
-                )
-            ).all()
+            key = (series.instance_count, series.last_received_at)
+            cached = self._content_cache.get(series.id)
+            if cached is not None and cached[0] == key:
+                problem, count = cached[1], cached[2]
+            else:
+                rows = session.execute(
+                    select(Instance.position, Instance.orientation).where(
+                        Instance.series_id == series.id
+                    )
+                ).all()
+                problem = content_check([r.position for r in rows],
+                                        [r.orientation for r in rows], series.expected_count)
+                count = len(rows)
+                self._content_cache[series.id] = (key, problem, count)
         evaluations = self._evaluations(series)
         matched = [e.rule for e in evaluations if e.matched]
         policy = self.settings.completion_for(matched)
-        problem = content_check(
-            [r.position for r in rows], [r.orientation for r in rows], series.expected_count
-        )
         decision = completion_decision(
             policy=policy, now=now, first_received_at=series.first_received_at,
             last_received_at=series.last_received_at, senders_open=senders_open,
-            content_problem=problem, count=len(rows),
+            content_problem=problem, count=count,
         )
         if not decision.complete:
             return False

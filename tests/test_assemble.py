@@ -66,3 +66,56 @@ def test_rules() -> None:
     r = {e.rule: e for e in evaluate_rules(s.rules, values=values, calling_ae="SCANNER1")}
     assert not r["ct-chest"].matched and "5.0 > 3" in r["ct-chest"].reason
     assert not r["pet"].matched and "Modality='CT'" in r["pet"].reason
+
+
+def test_sweep_rereads_slice_positions_only_when_a_series_changed(tmp_path) -> None:
+    """The completion sweep runs every 0.5 s over every receiving series: it re-reads a
+    series' slice positions only after that series received something, and forgets series
+    that are no longer receiving."""
+    from sqlalchemy import event
+
+    from dicomnode.assemble import Assembler
+    from dicomnode.audit.db import make_engine, make_sessionmaker, migrate, transaction
+    from dicomnode.audit.models import Association, Instance, Series, SeriesState
+
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    factory = make_sessionmaker(engine)
+    reads: list[str] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda _c, _cur, stmt, *_a: reads.append(stmt)
+                 if "instance.position" in stmt else None)
+    settings = parse_settings({"var_dir": str(tmp_path / "var"), "database": {"url": url}})
+
+    def add_instance(s, series: Series, assoc: Association, k: int) -> None:
+        s.add(Instance(sop_instance_uid=f"1.2.3.{k}", sop_class_uid="1.2", series_id=series.id,
+                       transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="M",
+                       association_id=assoc.id, bytes=1, sha256="0" * 64, path=f"p{k}",
+                       position=[0.0, 0.0, float(k)], orientation=AX))
+        series.instance_count += 1
+        series.last_received_at = datetime.now(UTC)
+
+    with transaction(factory) as s:
+        assoc = Association(direction="in", calling_ae="M", called_ae="N", peer_host="h",
+                            peer_port=1)  # still open: the series cannot complete
+        series = Series(series_instance_uid="1.2.3", study_instance_uid="1.2",
+                        state=SeriesState.RECEIVING, instance_count=0)
+        s.add_all([assoc, series])
+        s.flush()
+        for k in range(3):
+            add_instance(s, series, assoc, k)
+        sid, aid = series.id, assoc.id
+    asm = Assembler(settings=settings, factory=factory)
+    asm._rules_cache[sid] = []  # no rule reads a header from the (absent) spool file
+    assert asm.sweep() == [] and len(reads) == 1
+    assert asm.sweep() == [] and asm.sweep() == [] and len(reads) == 1
+    with transaction(factory) as s:
+        series = s.get(Series, sid)
+        add_instance(s, series, s.get(Association, aid), 3)
+    assert asm.sweep() == [] and len(reads) == 2
+    assert asm._content_cache[sid][2] == 4
+    with transaction(factory) as s:
+        s.get(Series, sid).state = SeriesState.COMPLETE
+    asm.sweep()
+    assert sid not in asm._content_cache and sid not in asm._rules_cache

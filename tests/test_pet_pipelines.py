@@ -145,4 +145,4 @@ def test_ct2pet_training_writes_district_models(tmp_path: Path) -> None:
     assert problems == []
     gens = load_generators(found["m"], "cpu")
     out = predict(gens["legs"], cases[0][0])
-    assert out.shape == (40, 40, 40) and 0 <= out.min() and out.max() <= 20
+    assert out.shape == (40, 40, 40) and out.min() >= 0 and out.max() <= 20
