@@ -394,13 +394,19 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
 @click.option("--seconds", default=240.0, show_default=True, help="Training time in all.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--version", default="1.0.0", show_default=True, help="Model version to write.")
+@click.option("--pairs", "pair_dirs", multiple=True, type=str,
+              help="A site's own data instead: CT_DIR:PET_DIR pairs of one PET/CT study each.")
 def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
-                     version: str) -> None:
+                     version: str, pair_dirs: tuple[str, ...]) -> None:
     """Train the whole-body and district Pix2Pix models; write a model directory."""
     from dicomnode.pipelines.ct2pet import train_ct2pet
-    from dicomnode.training import simulated_ct2pet_cases
+    from dicomnode.training import simulated_ct2pet_cases, site_ct2pet_cases
 
-    data, source = simulated_ct2pet_cases(cases=cases, seed=seed)
+    if pair_dirs:
+        data, source = site_ct2pet_cases(list(pair_dirs))
+    else:
+        data, source = simulated_ct2pet_cases(cases=cases, seed=seed)
+    click.echo(f"{len(data)} training cases: {source}")
     stats = train_ct2pet(output=output_dir, cases=data, seconds=seconds, trained_on=source,
                          seed=seed, version=version)
     for name, s in stats.items():

@@ -11,7 +11,13 @@ import numpy as np
 
 from dicomnode.simulate import pet_truth, simulate_pet
 
-__all__ = ["simulated_pet_pairs", "site_pet_pairs"]
+__all__ = [
+    "resample_onto",
+    "simulated_ct2pet_cases",
+    "simulated_pet_pairs",
+    "site_ct2pet_cases",
+    "site_pet_pairs",
+]
 
 
 def _lidc() -> Path | None:
@@ -132,3 +138,53 @@ def simulated_ct2pet_cases(*, cases: int, seed: int = 0
         sources.append(ct.name)
     return out, (f"SIMULATED data only: {cases} CTs ({', '.join(sorted(set(sources)))}) with "
                  f"noise-free activity (organ uptake) from dicomnode's PET/CT twin, seed {seed}")
+
+
+def resample_onto(values: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
+                  dst_shape: tuple[int, ...]) -> np.ndarray:
+    """``values`` (on the grid of ``src_affine``) sampled at the voxel centres of another grid
+    in the same patient space (trilinear; 0 outside the source)."""
+    from scipy import ndimage as ndi
+
+    to_src = np.linalg.inv(src_affine) @ dst_affine
+    out = np.empty(dst_shape, np.float32)
+    jj, ii = np.mgrid[0: dst_shape[1], 0: dst_shape[2]]
+    for k in range(dst_shape[0]):
+        idx = np.stack([np.full(jj.shape, k), jj, ii, np.ones(jj.shape)]).reshape(4, -1)
+        src = (to_src @ idx)[:3]
+        out[k] = ndi.map_coordinates(values, src, order=1, cval=0.0).reshape(jj.shape)
+    return out
+
+
+def site_ct2pet_cases(pair_dirs: list[str]
+                      ) -> tuple[list[tuple[np.ndarray, np.ndarray, dict]], str]:
+    """(CT [0,1], SUV / 20, district masks) on a 4 mm grid from a site's PET/CT studies given
+    as CT_DIR:PET_DIR (one Frame of Reference; the PET in SUVbw, or pseudo-SUV without SUV
+    factors), the PET resampled onto the CT's grid first."""
+    from scipy import ndimage as ndi
+
+    from dicomnode.pipelines.ct2pet import SUV_MAX, district_masks, norm_ct
+    from dicomnode.pipelines.pet_denoise import to_suv
+    from dicomnode.volume import load_series
+
+    out = []
+    for spec in pair_dirs:
+        ct_dir, _, pet_dir = str(spec).partition(":")
+        ct = load_series(sorted(p for p in Path(ct_dir).rglob("*") if p.is_file()),
+                         modality="CT")
+        pet = load_series(sorted(p for p in Path(pet_dir).rglob("*") if p.is_file()),
+                          modality="PT")
+        if ct.frame_of_reference_uid != pet.frame_of_reference_uid:
+            raise ValueError(f"{spec}: the CT and the PET are not on one Frame of Reference")
+        suv = resample_onto(to_suv(pet)[0], pet.affine, ct.affine, ct.shape)
+        factors = [sp / 4.0 for sp in ct.spacing]
+        ct4 = norm_ct(ndi.zoom(ct.array, factors, order=1))
+        pet4 = ndi.zoom(suv, factors, order=1)
+        masks = {k: ndi.zoom(v.astype(np.uint8), factors, order=0) > 0
+                 for k, v in district_masks(ct.array, ct.spacing, ct.affine).items()}
+        n = tuple(min(a, b) for a, b in zip(ct4.shape, pet4.shape, strict=True))
+        out.append((ct4[: n[0], : n[1], : n[2]],
+                    (np.clip(pet4[: n[0], : n[1], : n[2]], 0, SUV_MAX) / SUV_MAX
+                     ).astype(np.float32),
+                    {k: v[: n[0], : n[1], : n[2]] for k, v in masks.items()}))
+    return out, f"site data: {len(out)} PET/CT studies"

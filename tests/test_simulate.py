@@ -156,3 +156,41 @@ def test_simulate_whole_body_phantom_from_the_cli(tmp_path: Path) -> None:
     suv = full.array * full.suv.factor
     assert suv.max() > 1.5  # organ uptake (the heart is at these heights)
     assert np.isclose(ct.affine[2, 3], 1202.0)
+
+
+def test_training_from_a_sites_own_pairs(tmp_path: Path) -> None:
+    """`dicomnode train pet-denoise --pairs LOW:FULL` and `train ct2pet --pairs CT:PET` on DICOM
+    folders (here a simulated study, read back from DICOM like a site's own)."""
+    import yaml
+
+    from dicomnode.training import resample_onto
+
+    files = write_phantom_ct(tmp_path / "ct-src", slices=40, size=160)
+    case = write_case(files, tmp_path / "case", drfs=(4,), angles=48)
+    ct = load_series(sorted(case.ct.iterdir()))
+    pet = load_series(sorted(case.full.iterdir()))
+
+    def patient(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        idx = np.indices(shape).reshape(3, -1)
+        return (affine[:3, :3] @ idx + affine[:3, 3:4]).reshape(3, *shape)
+
+    # a field linear in patient space is resampled exactly (trilinear), wherever the CT voxel
+    # lies inside the PET grid
+    src = patient(pet.affine, pet.shape)
+    field = (src[0] + 2 * src[1] - 0.5 * src[2]).astype(np.float32)
+    dst = patient(ct.affine, ct.shape)
+    expected = dst[0] + 2 * dst[1] - 0.5 * dst[2]
+    on_ct = resample_onto(field, pet.affine, ct.affine, ct.shape)
+    lo, hi = src.reshape(3, -1).min(1), src.reshape(3, -1).max(1)
+    inside = np.all((dst >= lo[:, None, None, None]) & (dst <= hi[:, None, None, None]), axis=0)
+    assert inside.mean() > 0.8
+    assert np.allclose(on_ct[inside], expected[inside], atol=1e-2)
+    for cmd, pairs in (("pet-denoise", f"{case.low[4]}:{case.full}"),
+                       ("ct2pet", f"{case.ct}:{case.full}")):
+        out = tmp_path / f"model-{cmd}"
+        r = subprocess.run([sys.executable, "-m", "dicomnode.cli", "train", cmd, "--pairs", pairs,
+                            "--seconds", "3", "--output", str(out)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert r.returncode == 0, r.stderr
+        manifest = yaml.safe_load((out / "manifest.yaml").read_text())
+        assert manifest["trained_on"].startswith("site data: 1 ")
