@@ -368,21 +368,35 @@ def train() -> None:
 @click.option("--version", default="1.0.0", show_default=True, help="Model version to write.")
 @click.option("--processes", default=os.cpu_count() or 1, show_default=True,
               help="Processes reconstructing the simulated PET.")
+@click.option("--lesion-weight", default=1.0, show_default=True,
+              help="Weight of lesion voxels in the loss (simulated data has lesion labels).")
+@click.option("--init", "init_dir", type=click.Path(exists=True, file_okay=False,
+                                                    path_type=Path), default=None,
+              help="Continue from this model directory (same configuration).")
+@click.option("--data-cache", type=click.Path(path_type=Path), default=None,
+              help="An .npz file: the simulated pairs are saved there, or read from it when "
+              "it exists (the simulation is the slow part).")
 def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], seconds: float,
                       pair_dirs: tuple[str, ...], seed: int, version: str,
-                      processes: int) -> None:
+                      processes: int, lesion_weight: float, init_dir: Path | None,
+                      data_cache: Path | None) -> None:
     """Train DRMC and write a model directory with its manifest (sha256, trained_on)."""
     from dicomnode.pipelines.pet_denoise import train as train_drmc
-    from dicomnode.training import simulated_pet_pairs, site_pet_pairs
+    from dicomnode.training import load_pairs, save_pairs, simulated_pet_pairs, site_pet_pairs
 
     if pair_dirs:
         pairs, source = site_pet_pairs(list(pair_dirs))
+    elif data_cache is not None and data_cache.exists():
+        pairs, source = load_pairs(data_cache)
     else:
         pairs, source = simulated_pet_pairs(cases=cases, drfs=drfs, seed=seed,
                                             processes=processes)
+        if data_cache is not None:
+            save_pairs(data_cache, pairs, source)
     click.echo(f"{len(pairs)} training pairs: {source}")
     stats = train_drmc(output=output_dir, pairs=pairs, seconds=seconds, trained_on=source,
-                       seed=seed, version=version)
+                       seed=seed, version=version, lesion_weight=lesion_weight,
+                       init=init_dir)
     click.echo(f"trained {stats['iterations']} iterations in {stats['seconds']:.0f} s; "
                f"Charbonnier {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}; "
                f"wrote {output_dir}")

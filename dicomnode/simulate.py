@@ -14,8 +14,14 @@ it says so.
    soft tissue or lung, returned as a label map.
 2. **Resolution.** A Gaussian PSF (default 5.5 mm FWHM), then the PET grid (default 4 mm).
 3. **Counts.** Per axial slice, a parallel-beam forward projection (image rotation + sum),
-   scaled so that the whole volume yields ``dose_mbq x frame_s x sensitivity`` expected
-   counts, then Poisson noise.
+   scaled to the true coincidences that slice's activity gives in a frame: activity (MBq) =
+   SUV x ml x injected dose decayed over a 60 min uptake / 75 000 ml (a 75 kg patient), times
+   ``sensitivity_cps_per_mbq`` (trues per second per MBq in the field of view, attenuation
+   included; default 2000, an older 3-D scanner) times ``frame_s`` per bed: every bed is
+   acquired for ``frame_s``, so a longer volume has more counts. About 250 000 counts per
+   4 mm trunk slice at 300 MBq and 120 s. (Until 2026-11 the twin spread one
+   ``dose x frame x 100 cps/MBq`` total over the whole volume, 7-30x fewer counts than this
+   and much noisier than a clinical scan.) Then Poisson noise.
 4. **Reconstruction.** OSEM (ordered subsets EM with the same projector), in SUV units.
 5. **Low dose.** The same counts thinned binomially with keep-probability 1/DRF (what a
    shorter list-mode frame does, as in the DRMC paper) and reconstructed the same way.
@@ -27,6 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from dicomnode.write.pet import F18_HALF_LIFE_S
 
 __all__ = [
     "ORGAN_SUV",
@@ -41,6 +49,8 @@ __all__ = [
     "thin_counts",
 ]
 
+UPTAKE_S = 3600.0  # injection to scan
+PATIENT_ML = 75_000.0  # SUV 1 everywhere in a 75 kg patient holds the whole dose
 UPTAKE = {"lung": 0.5, "adipose": 0.35, "soft_tissue": 1.0, "marrow": 1.6, "cortical": 0.6}
 # SUVbw ranges of normal FDG uptake, one value drawn per case (adult, 60 min after injection)
 ORGAN_SUV = {"brain": (6.0, 10.0), "myocardium": (1.5, 8.0), "blood": (1.5, 2.2),
@@ -214,7 +224,7 @@ def _osem_slice(args: tuple[np.ndarray, np.ndarray, tuple[int, int], int, int]) 
 def simulate_pet(
     hu: np.ndarray, spacing: tuple[float, float, float], *, drfs: tuple[int, ...] = (4, 10),
     seed: int = 0, pet_mm: float = 4.0, fwhm_mm: float = 5.5, dose_mbq: float = 300.0,
-    frame_s: float = 120.0, sensitivity_cps_per_mbq: float = 100.0, angles: int = 96,
+    frame_s: float = 120.0, sensitivity_cps_per_mbq: float = 2000.0, angles: int = 96,
     iterations: int = 3, subsets: int = 8, lesions: int = 4,
     radius_mm: tuple[float, float] = (5.0, 12.0), contrast: tuple[float, float] = (3.0, 8.0),
     masks: dict[str, np.ndarray] | None = None, organs: dict[str, np.ndarray] | None = None,
@@ -236,7 +246,10 @@ def simulate_pet(
     # expected sinograms, SUV units
     clean = [project(sl[c], ang) if sl[c].size else np.zeros((angles, 0))
              for sl, c in zip(truth, crops, strict=True)]
-    total = dose_mbq * frame_s * sensitivity_cps_per_mbq
+    voxel_ml = float(np.prod(pet_spacing)) / 1000.0
+    decayed_mbq = dose_mbq * 2 ** (-UPTAKE_S / F18_HALF_LIFE_S)
+    activity_mbq = float(truth.sum()) * voxel_ml * decayed_mbq / PATIENT_ML
+    total = activity_mbq * sensitivity_cps_per_mbq * frame_s
     scale = total / max(float(sum(c.sum() for c in clean)), 1e-9)  # counts per SUV unit
     counts = [rng.poisson(c * scale).astype(np.float64) for c in clean]
 

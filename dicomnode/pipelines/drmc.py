@@ -50,9 +50,14 @@ class DRMCConfig:
         return asdict(self)
 
 
-def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Charbonnier loss, per voxel then averaged (equal inputs give exactly eps)."""
-    return torch.mean(torch.sqrt((pred - target) ** 2 + eps * eps))
+def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Charbonnier loss, per voxel then averaged (equal inputs give exactly eps); with
+    ``weight``, a weighted average (same shape as ``pred``)."""
+    per_voxel = torch.sqrt((pred - target) ** 2 + eps * eps)
+    if weight is None:
+        return torch.mean(per_voxel)
+    return torch.sum(per_voxel * weight) / torch.sum(weight)
 
 
 class ChannelLayerNorm(nn.Module):
