@@ -80,7 +80,7 @@ def test_sr4zct_beats_linear_on_real_ct(lidc_crop: np.ndarray) -> None:
     linear = apply_axis(_interp_matrix(_centres(gt.shape[0], r0, 0),
                                        _centres(thick.shape[0], r, o)), thick, 0)
     sr, stats = super_resolve(thick, r_xy=0.703125, r_z=r, o_z=o, r_target=r0,
-                              budget=SRBudget(train_seconds=25, max_iterations=800))
+                              budget=SRBudget(train_seconds=150, max_iterations=600))
     n = min(len(sr), len(gt))
     assert stats["loss_last"] < stats["loss_first"]
     p_lin, p_sr = psnr(linear[:n], gt[:n]), psnr(sr[:n], gt[:n])
