@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dicomnode.simulate import PetTwin, simulate_pet
+from dicomnode.simulate import PATIENT_ML, UPTAKE_S, PetTwin, simulate_pet
 from dicomnode.volume import SeriesVolume, SUVFactors, load_series
 from dicomnode.write.common import OutputIdentity, save
 from dicomnode.write.pet import F18_HALF_LIFE_S, build_derived_pet
@@ -24,7 +24,8 @@ from dicomnode.write.seg import SegmentSpec, build_seg, sct
 __all__ = ["SimulatedCase", "nominal_activity", "pet_grid_volume", "write_case"]
 
 
-def nominal_activity(dose_mbq: float, *, weight_kg: float = 75.0, uptake_s: float = 3600.0
+def nominal_activity(dose_mbq: float, *, weight_kg: float = PATIENT_ML / 1000,
+                     uptake_s: float = UPTAKE_S
                      ) -> SUVFactors:
     """SUV factors of the simulated patient (Bq/ml = SUV / factor)."""
     decayed = dose_mbq * 1e6 * 2 ** (-uptake_s / F18_HALF_LIFE_S)

@@ -75,6 +75,20 @@ def job_model(ctx: JobContext, *, default: str | None = None, loader: Callable[.
         raise PipelineRefusal("unknown_model", str(exc)) from None
 
 
+def model_identity(ctx: JobContext, volume: Any, manifest: Any, *, kind: str,
+                   description: str) -> Any:
+    """The OutputIdentity of a model pipeline's series: the job's naming and numbering, the
+    model's name, version and training data (what every AI output must say)."""
+    from dicomnode.write.common import OutputIdentity
+
+    return OutputIdentity(
+        source_series_uid=volume.series_instance_uid, pipeline=ctx.pipeline,
+        pipeline_version=ctx.pipeline_version, kind=kind, series_number=ctx.series_number,
+        series_description=f"{ctx.series_description_prefix}{description}",
+        model_name=manifest.name, model_version=manifest.version,
+        trained_on=manifest.trained_on)
+
+
 def save_outputs(datasets: list[Dataset], output_dir: Path, *, kind: str,
                  prefix: str) -> list[OutputFile]:
     """Write each data set as ``<prefix>-<index>.dcm`` and describe it for the job."""

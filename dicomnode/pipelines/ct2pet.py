@@ -23,7 +23,13 @@ import torch
 from scipy import ndimage as ndi
 from torch import nn
 
-from dicomnode.pipelines.base import JobContext, OutputFile, job_model, save_outputs
+from dicomnode.pipelines.base import (
+    JobContext,
+    OutputFile,
+    job_model,
+    model_identity,
+    save_outputs,
+)
 
 __all__ = ["DISTRICTS", "Generator", "predict", "run", "train_ct2pet"]
 
@@ -253,7 +259,6 @@ def synthesize(generators: dict[str, Any], hu: np.ndarray, spacing: tuple[float,
 def run(ctx: JobContext) -> list[OutputFile]:
     """CT -> synthetic PET series on the CT grid and Frame of Reference."""
     from dicomnode.volume import load_series
-    from dicomnode.write.common import OutputIdentity
     from dicomnode.write.pet import build_derived_pet
 
     t0 = time.perf_counter()
@@ -264,11 +269,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
     suv = synthesize(generators, volume.array, volume.spacing, volume.affine, device=ctx.device)
     t2 = time.perf_counter()
     m = entry.manifest
-    identity = OutputIdentity(
-        source_series_uid=volume.series_instance_uid, pipeline=ctx.pipeline,
-        pipeline_version=ctx.pipeline_version, kind="PT", series_number=ctx.series_number,
-        series_description=f"{ctx.series_description_prefix}SYNTHETIC PET from CT",
-        model_name=m.name, model_version=m.version, trained_on=m.trained_on)
+    identity = model_identity(ctx, volume, m, kind="PT", description="SYNTHETIC PET from CT")
     description = (f"SYNTHETIC PET (SUVbw) predicted from the CT by district 3-D Pix2Pix "
                    f"models {m.name} {m.version}, trained on {m.trained_on}. Not a PET scan.")
     outputs = save_outputs(build_derived_pet(values=suv, volume=volume, identity=identity,

@@ -16,9 +16,15 @@ import numpy as np
 from pydicom.sr.coding import Code
 
 from dicomnode.models import LoadedModel, ModelEntry
-from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal, job_model
+from dicomnode.pipelines.base import (
+    JobContext,
+    OutputFile,
+    PipelineRefusal,
+    job_model,
+    model_identity,
+)
 from dicomnode.volume import load_series
-from dicomnode.write.common import OutputIdentity, save
+from dicomnode.write.common import save
 from dicomnode.write.seg import SegmentSpec, build_seg
 
 __all__ = ["infer_labels", "run"]
@@ -84,11 +90,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
         remap[v] = i
     compact = remap[np.clip(labels, 0, len(remap) - 1)]
     m = model.entry.manifest
-    identity = OutputIdentity(
-        source_series_uid=volume.series_instance_uid, pipeline=ctx.pipeline,
-        pipeline_version=ctx.pipeline_version, kind="SEG", series_number=ctx.series_number,
-        series_description=f"{ctx.series_description_prefix}{m.name} segmentation",
-        model_name=m.name, model_version=m.version, trained_on=m.trained_on)
+    identity = model_identity(ctx, volume, m, kind="SEG", description=f"{m.name} segmentation")
     seg = build_seg(volume=volume, labels=compact, segments=[specs[v] for v in present],
                     identity=identity, seg_type=ctx.seg_type)
     path = save(seg, ctx.output_dir / f"seg-{identity.sop_instance_uid(0)}.dcm")

@@ -26,10 +26,10 @@ from dicomnode.pipelines.base import (
     OutputFile,
     PipelineRefusal,
     job_model,
+    model_identity,
     save_outputs,
 )
 from dicomnode.volume import SeriesVolume, load_series
-from dicomnode.write.common import OutputIdentity
 from dicomnode.write.pet import build_derived_pet
 
 __all__ = ["DEFAULT_MODEL", "denoise", "draw_patch", "run", "to_suv", "train"]
@@ -77,11 +77,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
     enhanced = denoise(model, suv, roi=model.entry.manifest.roi_size[0])
     t2 = time.perf_counter()
     m = model.entry.manifest
-    identity = OutputIdentity(
-        source_series_uid=volume.series_instance_uid, pipeline=ctx.pipeline,
-        pipeline_version=ctx.pipeline_version, kind="PT", series_number=ctx.series_number,
-        series_description=f"{ctx.series_description_prefix}PET enhanced (DRMC)",
-        model_name=m.name, model_version=m.version, trained_on=m.trained_on)
+    identity = model_identity(ctx, volume, m, kind="PT", description="PET enhanced (DRMC)")
     description = (f"Low-dose PET enhanced by DRMC model {m.name} {m.version} (trained on "
                    f"{m.trained_on}); intensities via {how}; units and SUV factors as the "
                    "source")
