@@ -483,14 +483,18 @@ def simulate_pet_cmd(ct_dir: Path | None, phantom: str, z_range: tuple[float, fl
 @click.option("--drf", required=True, type=int)
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True)
-def simulate_lowdose_cmd(input_dir: Path, drf: int, output_dir: Path, seed: int) -> None:
+@click.option("--postfilter-mm", default=4.0, show_default=True,
+              help="FWHM of the Gaussian post-filter after OSEM (0: none).")
+def simulate_lowdose_cmd(input_dir: Path, drf: int, output_dir: Path, seed: int,
+                         postfilter_mm: float) -> None:
     """A simulated low-dose version of a real PET series."""
     from dicomnode.pipelines import PipelineRefusal
     from dicomnode.simulate_io import lowdose_from_pet
 
     files = sorted(p for p in input_dir.rglob("*") if p.is_file())
     try:
-        out = lowdose_from_pet(files, output_dir, drf=drf, seed=seed)
+        out = lowdose_from_pet(files, output_dir, drf=drf, seed=seed,
+                               postfilter_mm=postfilter_mm)
     except PipelineRefusal as refusal:
         raise click.ClickException(f"{refusal.code}: {refusal.reason}") from None
     click.echo(f"low-dose (DRF {drf}) PET written to {out}")

@@ -24,9 +24,11 @@ it says so.
    ``dose x frame x 100 cps/MBq`` total over the whole volume: 3.6 M counts at the same dose
    and frame, whatever the volume's length, so 3.6x fewer here and more on longer volumes.)
    Then Poisson noise.
-4. **Reconstruction.** OSEM (ordered subsets EM with the same projector), in SUV units.
+4. **Reconstruction.** OSEM (ordered subsets EM with the same projector), in SUV units, then
+   a 3-D Gaussian post-filter (``POSTFILTER_MM``, 4 mm FWHM), as clinical protocols end.
 5. **Low dose.** The same counts thinned binomially with keep-probability 1/DRF (what a
-   shorter list-mode frame does, as in the DRMC paper) and reconstructed the same way.
+   shorter list-mode frame does, as in the DRMC paper) and reconstructed the same way,
+   post-filter included.
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ from dicomnode.write.pet import F18_HALF_LIFE_S
 
 __all__ = [
     "ORGAN_SUV",
+    "POSTFILTER_MM",
     "PetTwin",
     "UPTAKE",
     "activity_map",
     "mediastinum",
     "osem",
+    "postfilter",
     "pet_truth",
     "project",
     "simulate_pet",
@@ -52,6 +56,11 @@ __all__ = [
 ]
 
 UPTAKE_S = 3600.0  # injection to scan
+# clinical reconstructions end with a Gaussian post-filter (vendor protocols: about 2-7 mm FWHM);
+# without it the twin's full-dose images were far noisier than any clinical image (measured:
+# on held-out phantom seed 1000, in 7 of its 8 lesions the full-dose SUVmax was 37-47 % above
+# the noise-free activity's)
+POSTFILTER_MM = 4.0
 PATIENT_ML = 75_000.0  # SUV 1 everywhere in a 75 kg patient holds the whole dose
 UPTAKE = {"lung": 0.5, "adipose": 0.35, "soft_tissue": 1.0, "marrow": 1.6, "cortical": 0.6}
 # SUVbw ranges of normal FDG uptake, one value drawn per case (adult, 60 min after injection)
@@ -176,6 +185,13 @@ def osem(sino: np.ndarray, angles: np.ndarray, shape: tuple[int, int], *, iterat
     return x
 
 
+def postfilter(image: np.ndarray, spacing: tuple[float, ...], fwhm_mm: float) -> np.ndarray:
+    """The scanner's post-reconstruction 3-D Gaussian filter (``fwhm_mm`` 0: none)."""
+    if fwhm_mm <= 0:
+        return image
+    return ndi.gaussian_filter(image, [fwhm_mm / 2.3548 / s for s in spacing]).astype(image.dtype)
+
+
 def thin_counts(counts: np.ndarray, drf: float, rng: np.random.Generator) -> np.ndarray:
     """Keep each count with probability 1/DRF (a shorter frame of the same acquisition)."""
     return rng.binomial(counts.astype(np.int64), 1.0 / drf).astype(np.float64)
@@ -230,13 +246,15 @@ def simulate_pet(
     iterations: int = 3, subsets: int = 8, lesions: int = 4,
     radius_mm: tuple[float, float] = (5.0, 12.0), contrast: tuple[float, float] = (3.0, 8.0),
     masks: dict[str, np.ndarray] | None = None, organs: dict[str, np.ndarray] | None = None,
-    processes: int = 1,
+    processes: int = 1, postfilter_mm: float = POSTFILTER_MM,
 ) -> PetTwin:
     """Simulate full- and low-dose FDG PET from a CT volume (HU, slices along axis 0).
 
     Each slice is projected and reconstructed within the square that holds its activity
     (:func:`_crop`), which is exact for the parallel-beam projector and much faster on limbs
-    and heads; ``processes`` > 1 reconstructs slices in parallel.
+    and heads; ``processes`` > 1 reconstructs slices in parallel. Every reconstruction (full
+    and low dose alike, as a scanner's protocol does) ends with a 3-D Gaussian post-filter of
+    ``postfilter_mm`` FWHM (0: none).
     """
     rng = np.random.default_rng(seed)
     truth, lesion_pet, pet_spacing = pet_truth(hu, spacing, rng=rng, pet_mm=pet_mm,
@@ -268,7 +286,7 @@ def simulate_pet(
         out = np.zeros(truth.shape, np.float32)
         for k, (img, c) in enumerate(zip(slices, crops, strict=True)):
             out[k][c] = img / (scale * keep)
-        return out
+        return postfilter(out, pet_spacing, postfilter_mm)
 
     full = recon(counts, 1.0)
     low, totals = {}, {1: float(sum(c.sum() for c in counts))}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dicomnode.simulate import PATIENT_ML, UPTAKE_S, PetTwin, simulate_pet
+from dicomnode.simulate import PATIENT_ML, POSTFILTER_MM, UPTAKE_S, PetTwin, simulate_pet
 from dicomnode.volume import SeriesVolume, SUVFactors, load_series
 from dicomnode.write.common import OutputIdentity, save
 from dicomnode.write.pet import F18_HALF_LIFE_S, build_derived_pet
@@ -121,15 +121,17 @@ def write_case(ct_files: list[Path], out: Path, *, drfs: tuple[int, ...] = (4, 1
 
 
 def lowdose_from_pet(pet_files: list[Path], out: Path, *, drf: int, seed: int = 0,
-                     counts_per_slice: float = 2e5, angles: int = 96) -> Path:
+                     counts_per_slice: float = 2e5, angles: int = 96,
+                     postfilter_mm: float = POSTFILTER_MM) -> Path:
     """A low-dose version of a real PET series (``dicomnode simulate lowdose``).
 
     The image is taken as the mean activity; each slice is forward projected, given
     ``counts_per_slice`` expected counts (the real raw counts are not in the DICOM), sampled
-    with Poisson noise, thinned by 1/DRF and reconstructed with OSEM; values keep the source's
-    units and SUV factors. Written as a derived PET series labelled simulated.
+    with Poisson noise, thinned by 1/DRF and reconstructed with OSEM and the twin's
+    post-filter (``postfilter_mm``, as the scanner would reconstruct a short frame with the
+    protocol of the full one); values keep the source's units and SUV factors. Written as a derived PET series labelled simulated.
     """
-    from dicomnode.simulate import osem, project, thin_counts
+    from dicomnode.simulate import osem, postfilter, project, thin_counts
 
     rng = np.random.default_rng(seed)
     pet = load_series(pet_files, modality="PT")
@@ -143,6 +145,7 @@ def lowdose_from_pet(pet_files: list[Path], out: Path, *, drf: int, seed: int = 
         scale = counts_per_slice / clean.sum()
         counts = thin_counts(rng.poisson(clean * scale).astype(np.float64), drf, rng)
         low[k] = osem(counts, ang, sl.shape) / (scale / drf)
+    low = postfilter(low, pet.spacing, postfilter_mm)
     ident = OutputIdentity(source_series_uid=pet.series_instance_uid, pipeline="simulate-lowdose",
                            pipeline_version="1", kind=f"PT-drf{drf}", series_number=9200 + drf,
                            series_description=f"SIMULATED 1/{drf} dose PET")

@@ -76,7 +76,7 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
     """(low-dose SUV, full-dose SUV, lesion labels) from the twin, and a description.
 
     Cases vary in dose (150-400 MBq), scanner sensitivity (1000-4000 cps/MBq), PSF (4.5-6.5 mm
-    FWHM), lesion count (3-8), size (4-15 mm radius) and contrast (2-10 x), standing in for
+    FWHM), post-filter (3-6 mm FWHM), lesion count (3-8), size (4-15 mm radius) and contrast (2-10 x), standing in for
     different centres and patients; anatomy from whole-body phantoms with organ uptake (a
     random ``z_window_mm`` of each) and, when the shared data is present, lidc-idri-0001.
     """
@@ -90,12 +90,13 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
                             sensitivity_cps_per_mbq=float(rng.uniform(1000, 4000)),
                             fwhm_mm=float(rng.uniform(4.5, 6.5)), lesions=int(rng.integers(3, 9)),
                             radius_mm=(4.0, 15.0), contrast=(2.0, 10.0), organs=ct.organs,
-                            processes=processes)
+                            processes=processes, postfilter_mm=float(rng.uniform(3.0, 6.0)))
         for low in twin.low.values():
             pairs.append((low, twin.full, twin.lesions))
         sources.append(ct.name)
     desc = (f"SIMULATED data only: {cases} cases of dicomnode's PET/CT twin "
-            f"({', '.join(sorted(set(sources)))}), DRF {', '.join(map(str, drfs))}, seed {seed}")
+            f"({', '.join(sorted(set(sources)))}), DRF {', '.join(map(str, drfs))}, OSEM "
+            f"post-filtered 3-6 mm, seed {seed}")
     return pairs, desc
 
 
