@@ -146,3 +146,24 @@ def test_ct2pet_training_writes_district_models(tmp_path: Path) -> None:
     gens = load_generators(found["m"], "cpu")
     out = predict(gens["legs"], cases[0][0])
     assert out.shape == (40, 40, 40) and out.min() >= 0 and out.max() <= 20
+
+
+def test_ct2pet_predict_in_a_region_equals_the_whole_volume_there() -> None:
+    """predict(region=...) computes only the patches that overlap the region, in batches: the
+    values inside the region are those of the whole-volume pass, and fewer patches are run."""
+    import torch
+
+    from dicomnode.pipelines.ct2pet import Generator, _patches, predict
+
+    torch.manual_seed(0)
+    gen = Generator(4)
+    ct = np.random.default_rng(1).uniform(0, 1, (64, 70, 48)).astype(np.float32)
+    region = np.zeros(ct.shape, bool)
+    region[2:20, 5:30, 4:20] = True
+    whole = predict(gen, ct, batch=1)
+    part = predict(gen, ct, region=region, batch=5)
+    assert np.allclose(part[region], whole[region], atol=1e-5)
+    calls = []
+    gen.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    predict(gen, ct, region=region, batch=5)
+    assert 0 < sum(calls) < len(_patches(ct.shape))

@@ -89,18 +89,30 @@ def _patches(shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
             for z in starts[0] for y in starts[1] for x in starts[2]]
 
 
-def predict(generator: Any, ct01: np.ndarray, *, device: str = "cpu") -> np.ndarray:
-    """SUV from a normalised CT on the PET grid: 32^3 patches, stride 16, averaged."""
+def predict(generator: Any, ct01: np.ndarray, *, device: str = "cpu",
+            region: np.ndarray | None = None, batch: int = 8) -> np.ndarray:
+    """SUV from a normalised CT on the PET grid: 32^3 patches, stride 16, averaged.
+
+    With ``region`` (a mask on the same grid) only the patches that overlap it are computed:
+    inside the region the result is the same as over the whole volume (every patch covering a
+    region voxel overlaps the region); far from it, 0. Patches go through the network
+    ``batch`` at a time (instance norm: the batch does not change a patch's result).
+    """
     pad = [(0, max(0, PATCH - s)) for s in ct01.shape]
     x = np.pad(ct01, pad, mode="edge")
+    where = None if region is None else np.pad(region, pad)
     acc = np.zeros(x.shape, np.float32)
     cnt = np.zeros(x.shape, np.float32)
+    todo = [sl for sl in _patches(x.shape) if where is None or where[sl].any()]
     generator.eval()
     with torch.inference_mode():
-        for sl in _patches(x.shape):
-            t = torch.from_numpy(np.ascontiguousarray(x[sl]))[None, None].to(device)
-            acc[sl] += generator(t)[0, 0].float().cpu().numpy()
-            cnt[sl] += 1
+        for k in range(0, len(todo), batch):
+            group = todo[k:k + batch]
+            t = torch.from_numpy(np.stack([x[sl] for sl in group])[:, None]).to(device)
+            pred = generator(t)[:, 0].float().cpu().numpy()
+            for sl, p in zip(group, pred, strict=True):
+                acc[sl] += p
+                cnt[sl] += 1
     out = acc / np.maximum(cnt, 1)
     return out[: ct01.shape[0], : ct01.shape[1], : ct01.shape[2]] * SUV_MAX
 
@@ -184,8 +196,12 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
     stats: dict[str, Any] = {}
     present = [d for d in DISTRICTS if sum(int(m[d].sum()) for _, _, m in cases) > 2000]
     share = seconds / (1 + len(present))
-    gen, stats["whole_body"] = train_pix2pix([(c, p) for c, p, _ in cases], seconds=share,
-                                             seed=seed)
+    # the whole-body model sees patches around any body voxel (every district), as the
+    # district models see patches around their own: neither spends its time on air
+    gen, stats["whole_body"] = train_pix2pix(
+        [(c, p) for c, p, _ in cases], seconds=share, seed=seed,
+        centres=[np.argwhere(np.logical_or.reduce([m[d] for d in DISTRICTS]))
+                 for _, _, m in cases])
     states["whole_body"] = gen.state_dict()
     for d in present:
         with_d = [(c, p, m[d]) for c, p, m in cases if m[d].any()]
@@ -242,16 +258,18 @@ def synthesize(generators: dict[str, Any], hu: np.ndarray, spacing: tuple[float,
         small = ndi.zoom(mask.astype(np.float32), factors, order=0)
         return small[: ct4.shape[0], : ct4.shape[1], : ct4.shape[2]] > 0.5
 
-    masks = district_masks(hu, spacing, affine)
-    whole = predict(generators["whole_body"], ct4, device=device)
-    pet4 = np.zeros_like(whole)
-    for d in DISTRICTS:
-        if not masks[d].any():
-            continue
-        m4 = on_pet_grid(masks[d])
-        use = generators[d] if districts_on and d in generators else None
-        pet4 = np.where(m4, predict(use, ct4, device=device) if use is not None else whole, pet4)
-    back = [t / s for s, t in zip(pet4.shape, hu.shape, strict=True)]
+    masks = {d: on_pet_grid(m) for d, m in district_masks(hu, spacing, affine).items()
+             if d in DISTRICTS and m.any()}
+    own = {d for d in masks if districts_on and d in generators}
+    fallback = [m for d, m in masks.items() if d not in own]
+    whole = (predict(generators["whole_body"], ct4, device=device,
+                     region=np.logical_or.reduce(fallback)) if fallback else None)
+    pet4 = np.zeros(ct4.shape, np.float32)
+    for d, m4 in masks.items():
+        pred = predict(generators[d], ct4, device=device, region=m4) if d in own else whole
+        assert pred is not None
+        pet4 = np.where(m4, pred, pet4)
+    back = [t / s for s, t in zip(ct4.shape, hu.shape, strict=True)]
     out = ndi.zoom(pet4, back, order=1)[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
     return np.clip(out, 0, SUV_MAX).astype(np.float32)
 
