@@ -92,7 +92,7 @@ def main() -> None:
     from dicomnode.phantom import whole_body
     from dicomnode.pipelines.ct2pet import district_masks, load_generators, synthesize
     from dicomnode.pipelines.pet_denoise import denoise, to_suv
-    from dicomnode.simulate import POSTFILTER_MM, pet_truth, simulate_pet
+    from dicomnode.simulate import POSTFILTER_MM, gaussian_fwhm, pet_truth, simulate_pet
     from dicomnode.simulate_io import lowdose_from_pet
     from dicomnode.volume import load_series
 
@@ -104,11 +104,10 @@ def main() -> None:
 
     def evaluate(case: str, drf: int, low: np.ndarray, ref: np.ndarray, spacing: tuple,
                  lesions: np.ndarray | None, truth: np.ndarray | None = None) -> None:
-        sigma = [5.0 / 2.3548 / s for s in spacing]
         t0 = time.perf_counter()
         enhanced = denoise(drmc, low, roi=32)
         t_drmc = time.perf_counter() - t0
-        for method, img in (("low-dose", low), ("gaussian 5mm", gaussian_filter(low, sigma)),
+        for method, img in (("low-dose", low), ("gaussian 5mm", gaussian_fwhm(low, spacing, 5.0)),
                             ("DRMC", enhanced)):
             row = {"case": case, "drf": drf, "method": method, "psnr": psnr(img, ref),
                    "ssim": ssim3d(img, ref)}

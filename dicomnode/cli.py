@@ -483,18 +483,21 @@ def simulate_pet_cmd(ct_dir: Path | None, phantom: str, z_range: tuple[float, fl
 @click.option("--drf", required=True, type=int)
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True)
-@click.option("--postfilter-mm", default=4.0, show_default=True,
-              help="FWHM of the Gaussian post-filter after OSEM (0: none).")
+@click.option("--postfilter-mm", type=float, default=None,
+              help="FWHM of the Gaussian post-filter after OSEM, mm (0: none; default: the "
+              "twin's, dicomnode.simulate.POSTFILTER_MM).")
 def simulate_lowdose_cmd(input_dir: Path, drf: int, output_dir: Path, seed: int,
-                         postfilter_mm: float) -> None:
+                         postfilter_mm: float | None) -> None:
     """A simulated low-dose version of a real PET series."""
     from dicomnode.pipelines import PipelineRefusal
+    from dicomnode.simulate import POSTFILTER_MM
     from dicomnode.simulate_io import lowdose_from_pet
 
     files = sorted(p for p in input_dir.rglob("*") if p.is_file())
     try:
         out = lowdose_from_pet(files, output_dir, drf=drf, seed=seed,
-                               postfilter_mm=postfilter_mm)
+                               postfilter_mm=POSTFILTER_MM if postfilter_mm is None
+                               else postfilter_mm)
     except PipelineRefusal as refusal:
         raise click.ClickException(f"{refusal.code}: {refusal.reason}") from None
     click.echo(f"low-dose (DRF {drf}) PET written to {out}")

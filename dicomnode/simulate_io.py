@@ -129,9 +129,10 @@ def lowdose_from_pet(pet_files: list[Path], out: Path, *, drf: int, seed: int = 
     ``counts_per_slice`` expected counts (the real raw counts are not in the DICOM), sampled
     with Poisson noise, thinned by 1/DRF and reconstructed with OSEM and the twin's
     post-filter (``postfilter_mm``, as the scanner would reconstruct a short frame with the
-    protocol of the full one); values keep the source's units and SUV factors. Written as a derived PET series labelled simulated.
+    protocol of the full one); values keep the source's units and SUV factors. Written as a
+    derived PET series labelled simulated.
     """
-    from dicomnode.simulate import osem, postfilter, project, thin_counts
+    from dicomnode.simulate import gaussian_fwhm, osem, project, thin_counts
 
     rng = np.random.default_rng(seed)
     pet = load_series(pet_files, modality="PT")
@@ -145,7 +146,7 @@ def lowdose_from_pet(pet_files: list[Path], out: Path, *, drf: int, seed: int = 
         scale = counts_per_slice / clean.sum()
         counts = thin_counts(rng.poisson(clean * scale).astype(np.float64), drf, rng)
         low[k] = osem(counts, ang, sl.shape) / (scale / drf)
-    low = postfilter(low, pet.spacing, postfilter_mm)
+    low = gaussian_fwhm(low, pet.spacing, postfilter_mm)
     ident = OutputIdentity(source_series_uid=pet.series_instance_uid, pipeline="simulate-lowdose",
                            pipeline_version="1", kind=f"PT-drf{drf}", series_number=9200 + drf,
                            series_description=f"SIMULATED 1/{drf} dose PET")

@@ -76,8 +76,8 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
     """(low-dose SUV, full-dose SUV, lesion labels) from the twin, and a description.
 
     Cases vary in dose (150-400 MBq), scanner sensitivity (1000-4000 cps/MBq), PSF (4.5-6.5 mm
-    FWHM), post-filter (3-6 mm FWHM), lesion count (3-8), size (4-15 mm radius) and contrast (2-10 x), standing in for
-    different centres and patients; anatomy from whole-body phantoms with organ uptake (a
+    FWHM), post-filter (3-6 mm FWHM), lesion count (3-8), size (4-15 mm radius) and contrast
+    (2-10 x), standing in for different centres and patients; anatomy from whole-body phantoms with organ uptake (a
     random ``z_window_mm`` of each) and, when the shared data is present, lidc-idri-0001.
     """
     rng = np.random.default_rng(seed)
