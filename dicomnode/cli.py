@@ -410,8 +410,21 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
 @click.option("--version", default="1.0.0", show_default=True, help="Model version to write.")
 @click.option("--pairs", "pair_dirs", multiple=True, type=str,
               help="A site's own data instead: CT_DIR:PET_DIR pairs of one PET/CT study each.")
+@click.option("--pretrain-share", default=0.0, show_default=True,
+              type=click.FloatRange(0.0, 0.9),
+              help="Share of the time spent first on a whole-body model that every district "
+                   "model then starts from (0: every model from scratch; README: measured "
+                   "worse).")
+@click.option("--ema-decay", default=0.0, show_default=True, type=click.FloatRange(0.0, 0.9999),
+              help="Keep an exponential moving average of each generator's weights with this "
+                   "decay and write it instead of the last iterate (0: the last iterate).")
+@click.option("--init", "init_dir", type=click.Path(exists=True, file_okay=False,
+                                                    path_type=Path), default=None,
+              help="Fine-tune this ct2pet model directory (e.g. the shipped "
+                   "models/ct2pet-district) instead of starting from scratch.")
 def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
-                     version: str, pair_dirs: tuple[str, ...]) -> None:
+                     version: str, pair_dirs: tuple[str, ...], pretrain_share: float,
+                     ema_decay: float, init_dir: Path | None) -> None:
     """Train the whole-body and district Pix2Pix models; write a model directory."""
     from dicomnode.pipelines.ct2pet import train_ct2pet
     from dicomnode.training import simulated_ct2pet_cases, site_ct2pet_cases
@@ -422,7 +435,8 @@ def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
         data, source = simulated_ct2pet_cases(cases=cases, seed=seed)
     click.echo(f"{len(data)} training cases: {source}")
     stats = train_ct2pet(output=output_dir, cases=data, seconds=seconds, trained_on=source,
-                         seed=seed, version=version)
+                         seed=seed, version=version, pretrain_share=pretrain_share,
+                         ema_decay=ema_decay, init=init_dir)
     for name, s in stats.items():
         click.echo(f"{name}: {s['iterations']} iterations, L1 {s['l1_first']:.4f} -> "
                    f"{s['l1_last']:.4f}")

@@ -130,6 +130,7 @@ def activity_map(hu: np.ndarray, spacing: tuple[float, float, float], *,
         if mask.any():
             suv[mask] = rng.uniform(*ORGAN_SUV[name])
     labels = np.zeros(hu.shape, np.uint16)
+    taken = np.zeros_like(body)  # whole balls, so that lesions never touch, even in air
     busy = np.zeros_like(body)
     for mask in organs.values():
         busy |= mask
@@ -143,10 +144,12 @@ def activity_map(hu: np.ndarray, spacing: tuple[float, float, float], *,
         r = rng.uniform(*radius_mm)
         ball = (((zz - c[0]) * spacing[0]) ** 2 + ((yy - c[1]) * spacing[1]) ** 2
                 + ((xx - c[2]) * spacing[2]) ** 2) <= r * r
-        if (labels[ball] > 0).any():
+        if taken[ball].any():
             continue
+        taken |= ball
         placed += 1
-        labels[ball] = placed
+        # the lesion is the part of the ball inside the body: no activity, no label in air
+        labels[ball & body] = placed
         suv[ball] = max(UPTAKE["soft_tissue"], float(np.median(suv[ball]))) * rng.uniform(*contrast)
         suv[ball & ~body] = 0.0
     return suv, labels

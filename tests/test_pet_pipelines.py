@@ -135,9 +135,12 @@ def test_ct2pet_training_writes_district_models(tmp_path: Path) -> None:
                  np.zeros(ct.shape, bool), "legs": legs}
         cases.append((ct, pet, masks))
     stats = train_ct2pet(output=tmp_path / "m", cases=cases, seconds=6, trained_on="unit test",
-                         version="0.0.2")
-    assert set(stats) == {"whole_body", "trunk", "legs"}
+                         version="0.0.2", pretrain_share=0.3, ema_decay=0.99)
+    assert set(stats) == {"whole_body_pretraining", "whole_body", "trunk", "legs"}
     assert all(s["iterations"] > 0 for s in stats.values())
+    assert all(s["ema_decay"] == 0.99 for s in stats.values())
+    assert all(s["initialised_from"] == "whole_body_pretraining"
+               for k, s in stats.items() if k != "whole_body_pretraining")
     manifest = yaml.safe_load((tmp_path / "m" / "manifest.yaml").read_text())
     assert manifest["network"]["districts"] == ["whole_body", "trunk", "legs"]
     assert manifest["version"] == "0.0.2"
@@ -146,6 +149,43 @@ def test_ct2pet_training_writes_district_models(tmp_path: Path) -> None:
     gens = load_generators(found["m"], "cpu")
     out = predict(gens["legs"], cases[0][0])
     assert out.shape == (40, 40, 40) and out.min() >= 0 and out.max() <= 20
+
+
+def test_pix2pix_fine_tuning_starts_from_the_given_weights() -> None:
+    """train_pix2pix(init=...) continues from a generator and discriminator: a second short
+    run stays far closer to the first run's weights than a fresh network is."""
+    import torch
+
+    from dicomnode.pipelines.ct2pet import Generator, train_pix2pix
+
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(0, 1, (36, 36, 36)).astype(np.float32)
+    pairs = [(ct, (ct * 0.1).astype(np.float32))]
+    gen0, stats0 = train_pix2pix(pairs, seconds=1.0, width=4)
+    start = {"generator": gen0.state_dict(), "discriminator": stats0["discriminator"]}
+    gen1, stats1 = train_pix2pix(pairs, seconds=1.0, width=4, seed=1, init=start)
+    assert stats1["iterations"] > 0
+
+    def distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
+        return float(sum(torch.sum((p.detach() - q.detach()) ** 2) for p, q in
+                         zip(a.parameters(), b.parameters(), strict=True)))
+
+    torch.manual_seed(5)
+    assert distance(gen1, gen0) < 0.01 * distance(Generator(4), gen0)
+
+
+def test_ema_update_is_a_moving_average_of_the_weights() -> None:
+    """ema_update: average <- d * average + (1 - d) * model, for every parameter."""
+    import torch
+
+    from dicomnode.pipelines.ct2pet import Generator, ema_update
+
+    torch.manual_seed(0)
+    avg, model = Generator(4), Generator(4)
+    before = [p.detach().clone() for p in avg.parameters()]
+    ema_update(avg, model, 0.9)
+    for b, a, m in zip(before, avg.parameters(), model.parameters(), strict=True):
+        assert torch.allclose(a, 0.9 * b + 0.1 * m, atol=1e-6)
 
 
 def test_ct2pet_predict_in_a_region_equals_the_whole_volume_there() -> None:

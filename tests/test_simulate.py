@@ -44,6 +44,23 @@ def test_noise_grows_with_drf_and_mean_is_kept(twin) -> None:
     assert twin.lesions.max() >= 1  # lesions were placed
 
 
+def test_lesions_lie_inside_the_body() -> None:
+    """A lesion ball that crosses the skin is labelled (and active) only inside the body: the
+    twin's lesion SEG and the benchmark's lesion masks hold no air (they held 643 voxels of it
+    in this case before the labels were clipped)."""
+    from dicomnode.pipelines.ct_tissue import body_mask
+    from dicomnode.simulate import activity_map
+
+    hu = phantom_hu(24, 96)
+    suv, labels = activity_map(hu, (2.5, 2.8, 2.8), rng=np.random.default_rng(2), lesions=10,
+                               radius_mm=(10.0, 20.0))
+    body = body_mask(hu)
+    assert labels.max() == 10
+    assert not ((labels > 0) & ~body).any()
+    assert (suv[labels > 0] > 0).all()
+    assert not (suv[~body] > 0).any()
+
+
 def test_postfilter_lowers_noise_and_keeps_the_activity(twin) -> None:
     """Reconstructions end with the scanner's Gaussian post-filter (4 mm FWHM by default):
     without it the same counts give a noisier image; the activity in the body is the same."""
@@ -172,8 +189,11 @@ def test_simulate_whole_body_phantom_from_the_cli(tmp_path: Path) -> None:
 
 
 def test_training_from_a_sites_own_pairs(tmp_path: Path) -> None:
-    """`dicomnode train pet-denoise --pairs LOW:FULL` and `train ct2pet --pairs CT:PET` on DICOM
+    """`dicomnode train pet-denoise --pairs LOW:FULL` and `train ct2pet --pairs CT:PET [--init]` on DICOM
     folders (here a simulated study, read back from DICOM like a site's own)."""
+    import json
+
+    import torch
     import yaml
 
     from dicomnode.training import resample_onto
@@ -207,3 +227,26 @@ def test_training_from_a_sites_own_pairs(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         manifest = yaml.safe_load((out / "manifest.yaml").read_text())
         assert manifest["trained_on"].startswith("site data: 1 ")
+    # a site fine-tunes the shipped ct2pet models on its pairs: every model it trains starts
+    # from the shipped generator of the same name, and the manifest says so
+    shipped = ROOT / "models" / "ct2pet-district"
+    out = tmp_path / "model-ct2pet-finetuned"
+    r = subprocess.run([sys.executable, "-m", "dicomnode.cli", "train", "ct2pet", "--pairs",
+                        f"{case.ct}:{case.full}", "--seconds", "3", "--output", str(out),
+                        "--init", str(shipped)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    manifest = yaml.safe_load((out / "manifest.yaml").read_text())
+    base = yaml.safe_load((shipped / "manifest.yaml").read_text())
+    assert manifest["trained_on"].startswith("site data: 1 ")
+    assert f"fine-tuned from ct2pet-district {base['version']}" in manifest["trained_on"]
+    stats = json.loads((out / "training.json").read_text())
+    tuned = torch.load(out / "model.pt", weights_only=True)
+    original = torch.load(shipped / "model.pt", weights_only=True)
+    for name in tuned:
+        assert stats[name]["initialised_from"] == f"{shipped} ({name})"
+        # a few seconds of fine-tuning stay close to the start (a fresh network does not)
+        moved = sum(float(torch.sum((tuned[name][k] - original[name][k]) ** 2))
+                    for k in tuned[name])
+        scale = sum(float(torch.sum(v ** 2)) for v in original[name].values())
+        assert moved < 0.01 * scale, name
