@@ -422,9 +422,12 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
                                                     path_type=Path), default=None,
               help="Fine-tune this ct2pet model directory (e.g. the shipped "
                    "models/ct2pet-district) instead of starting from scratch.")
+@click.option("--iterations", type=click.IntRange(1), default=None,
+              help="Iterations per model instead of a time budget (--seconds is then unused): "
+                   "the same training on a slower or busier machine.")
 def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
                      version: str, pair_dirs: tuple[str, ...], pretrain_share: float,
-                     ema_decay: float, init_dir: Path | None) -> None:
+                     ema_decay: float, init_dir: Path | None, iterations: int | None) -> None:
     """Train the whole-body and district Pix2Pix models; write a model directory."""
     from dicomnode.pipelines.ct2pet import train_ct2pet
     from dicomnode.training import simulated_ct2pet_cases, site_ct2pet_cases
@@ -436,7 +439,7 @@ def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
     click.echo(f"{len(data)} training cases: {source}")
     stats = train_ct2pet(output=output_dir, cases=data, seconds=seconds, trained_on=source,
                          seed=seed, version=version, pretrain_share=pretrain_share,
-                         ema_decay=ema_decay, init=init_dir)
+                         ema_decay=ema_decay, init=init_dir, iterations=iterations)
     for name, s in stats.items():
         click.echo(f"{name}: {s['iterations']} iterations, L1 {s['l1_first']:.4f} -> "
                    f"{s['l1_last']:.4f}")

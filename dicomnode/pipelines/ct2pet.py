@@ -217,11 +217,12 @@ def district_masks(hu: np.ndarray, spacing: tuple[float, float, float],
 def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict]],
                  seconds: float, trained_on: str, seed: int = 0, version: str = "1.0.0",
                  pretrain_share: float = 0.0, ema_decay: float = 0.0,
-                 init: Path | None = None) -> dict[str, Any]:
+                 init: Path | None = None, iterations: int | None = None) -> dict[str, Any]:
     """Train the whole-body model and one per district present; write the model directory.
 
     ``cases``: (CT [0,1], SUV/20, district masks) on the PET grid. Each model gets an equal
-    share of ``seconds``, from scratch (the paper's setting).
+    share of ``seconds``, from scratch (the paper's setting), or ``iterations`` each when
+    given (then ``seconds`` is not used): the same training on any machine.
 
     ``pretrain_share`` > 0: that share of ``seconds`` first trains a whole-body model that
     every district model starts from and is fine-tuned on its own district; the whole-body
@@ -261,6 +262,9 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
         trained_on = (f"{trained_on}; fine-tuned from {base['name']} {base['version']} "
                       f"(trained on {base['trained_on']})")
         start = {"generator": given["whole_body"], "discriminator": None}
+    if iterations is not None and pre > 0:
+        raise ValueError("an iteration budget (iterations) and whole-body pretraining "
+                         "(pretrain_share, a share of the time) are exclusive")
     if pre > 0:
         gen, pre_stats = train_pix2pix(body_pairs, seconds=pre, seed=seed, centres=body_centres,
                                        ema_decay=ema_decay)
@@ -270,13 +274,14 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
     gen, stats["whole_body"] = train_pix2pix(body_pairs, seconds=share,
                                              seed=seed if start is None else seed + 2,
                                              centres=body_centres, init=start,
-                                             ema_decay=ema_decay)
+                                             ema_decay=ema_decay, iterations=iterations)
     states["whole_body"] = gen.state_dict()
     for d in present:
         with_d = [(c, p, m[d]) for c, p, m in cases if m[d].any()]
         own = {"generator": given[d], "discriminator": None} if d in given else start
         gen, stats[d] = train_pix2pix([(c, p) for c, p, _ in with_d], seconds=share,
                                       seed=seed + 1, init=own, ema_decay=ema_decay,
+                                      iterations=iterations,
                                       centres=[np.argwhere(m) for _, _, m in with_d])
         states[d] = gen.state_dict()
     for name, s in stats.items():
