@@ -85,30 +85,93 @@ def lesion_bias(pred: np.ndarray, ref: np.ndarray, lesions: np.ndarray,
             "lesions": len(bm)}
 
 
+def ct2pet_rows(gens: dict, seeds: tuple[int, ...]) -> list[dict]:
+    """Whole-body model vs district models on held-out whole-body phantoms (one row each)."""
+    from scipy.ndimage import zoom
+
+    from dicomnode.phantom import whole_body
+    from dicomnode.pipelines.ct2pet import district_masks, synthesize
+    from dicomnode.simulate import pet_truth
+
+    ct_rows = []
+    for seed in seeds:
+        body = whole_body(seed)
+        hu, spacing, affine = body.hu, body.spacing, body.affine
+        truth4, _, _ = pet_truth(hu, spacing, rng=np.random.default_rng(seed), lesions=0,
+                                 organs=body.organs)
+        truth = np.clip(zoom(truth4, [t / s for s, t in zip(truth4.shape, hu.shape,
+                                                            strict=True)], order=1), 0, 20)
+        truth = truth[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
+        inside = hu > -500
+        districts = district_masks(hu, spacing, affine)
+        for districts_on, label in ((False, "whole-body model"), (True, "district models")):
+            t0 = time.perf_counter()
+            pred = synthesize(gens, hu, spacing, affine, districts_on=districts_on)
+            secs = time.perf_counter() - t0
+            n = tuple(min(a, b) for a, b in zip(pred.shape, truth.shape, strict=True))
+            p, t, b = (x[: n[0], : n[1], : n[2]] for x in (pred, truth, inside))
+            row = {"case": f"whole-body phantom seed {seed}", "method": label,
+                   "mae_suv": float(np.abs(p - t)[b].mean()),
+                   "mae_norm": float(np.abs(p - t)[b].mean() / 20),
+                   # the district paper's convention: SUV clipped to [0, 20] and divided by 20
+                   "psnr": psnr(p / 20, t / 20, data_range=1.0),
+                   "ssim": ssim3d(p / 20, t / 20, data_range=1.0),
+                   "mean_suv_outside_body": float(p[~b].mean()), "seconds": secs}
+            for d, m in districts.items():
+                m = m[: n[0], : n[1], : n[2]]
+                if m.any():
+                    row[f"mae_suv_{d}"] = float(np.abs(p - t)[m].mean())
+            for organ, m in body.organs.items():
+                m = m[: n[0], : n[1], : n[2]]
+                row[f"suv_{organ}"] = [round(float(p[m].mean()), 3), round(float(t[m].mean()), 3)]
+            ct_rows.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                              for k, v in row.items()}), flush=True)
+    return ct_rows
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", choices=["pet-denoise", "ct2pet"], default=None,
                         help="run one part and merge it into the existing results file")
+    parser.add_argument("--ct2pet-model", type=Path, default=None,
+                        help="a candidate ct2pet model directory instead of the shipped one; "
+                             "only ct2pet runs, and its rows go to --out, not pet.json")
+    parser.add_argument("--out", type=Path, default=RESULTS.parent / "pet-candidate.json",
+                        help="results file of a --ct2pet-model run")
+    parser.add_argument("--ct2pet-seeds", type=int, nargs="+", default=list(CT2PET_SEEDS),
+                        help="held-out whole-body phantom seeds for ct2pet (not 1-5: training)")
     args = parser.parse_args()
-    from scipy.ndimage import zoom
-
     from dicomnode import phantom, simulate, simulate_io
-    from dicomnode.models import load_network, scan_models
+    from dicomnode.models import load_entry, load_network, scan_models
     from dicomnode.phantom import whole_body
-    from dicomnode.pipelines.ct2pet import district_masks, load_generators, synthesize
+    from dicomnode.pipelines.ct2pet import load_generators
     from dicomnode.pipelines.pet_denoise import denoise, to_suv
     from dicomnode.simulate import (
         POSTFILTER_MM,
         PetTwin,
         gaussian_fwhm,
-        pet_truth,
         simulate_pet,
     )
     from dicomnode.simulate_io import lowdose_from_pet
     from dicomnode.volume import load_series
 
+    seeds = tuple(args.ct2pet_seeds)
+    if any(1 <= s <= 5 for s in seeds):
+        parser.error("phantom seeds 1-5 trained the shipped ct2pet models")
+    if args.ct2pet_model is not None:
+        entry = load_entry(args.ct2pet_model)
+        candidate = {"benchmark": "pet", "device": "cpu", "cpus": os.cpu_count(),
+                     "model": f"{args.ct2pet_model} ({entry.manifest.name} "
+                              f"{entry.manifest.version}: {entry.manifest.trained_on})",
+                     "ct2pet": ct2pet_rows(load_generators(entry, "cpu"), seeds),
+                     "command": f"python -m bench.pet --ct2pet-model {args.ct2pet_model} "
+                                f"--ct2pet-seeds {' '.join(map(str, seeds))} --out {args.out}"}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(candidate, indent=2))
+        return
     models, problems = scan_models(ROOT / "models")
     assert not problems, problems
     drmc = load_network(models["pet-denoise-drmc"], device="cpu")
@@ -181,44 +244,12 @@ def main() -> None:
     if args.only != "ct2pet":
         out["pet_denoise"] = rows
 
-    gens = load_generators(models["ct2pet-district"], "cpu")
-    ct_rows = []
-    for seed in () if args.only == "pet-denoise" else CT2PET_SEEDS:
-        body = whole_body(seed)
-        hu, spacing, affine = body.hu, body.spacing, body.affine
-        truth4, _, _ = pet_truth(hu, spacing, rng=np.random.default_rng(seed), lesions=0,
-                                 organs=body.organs)
-        truth = np.clip(zoom(truth4, [t / s for s, t in zip(truth4.shape, hu.shape,
-                                                            strict=True)], order=1), 0, 20)
-        truth = truth[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
-        inside = hu > -500
-        districts = district_masks(hu, spacing, affine)
-        for districts_on, label in ((False, "whole-body model"), (True, "district models")):
-            t0 = time.perf_counter()
-            pred = synthesize(gens, hu, spacing, affine, districts_on=districts_on)
-            secs = time.perf_counter() - t0
-            n = tuple(min(a, b) for a, b in zip(pred.shape, truth.shape, strict=True))
-            p, t, b = (x[: n[0], : n[1], : n[2]] for x in (pred, truth, inside))
-            row = {"case": f"whole-body phantom seed {seed}", "method": label,
-                   "mae_suv": float(np.abs(p - t)[b].mean()),
-                   "mae_norm": float(np.abs(p - t)[b].mean() / 20),
-                   # the district paper's convention: SUV clipped to [0, 20] and divided by 20
-                   "psnr": psnr(p / 20, t / 20, data_range=1.0),
-                   "ssim": ssim3d(p / 20, t / 20, data_range=1.0),
-                   "mean_suv_outside_body": float(p[~b].mean()), "seconds": secs}
-            for d, m in districts.items():
-                m = m[: n[0], : n[1], : n[2]]
-                if m.any():
-                    row[f"mae_suv_{d}"] = float(np.abs(p - t)[m].mean())
-            for organ, m in body.organs.items():
-                m = m[: n[0], : n[1], : n[2]]
-                row[f"suv_{organ}"] = [round(float(p[m].mean()), 3), round(float(t[m].mean()), 3)]
-            ct_rows.append(row)
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                              for k, v in row.items()}), flush=True)
+    ct_rows = [] if args.only == "pet-denoise" else ct2pet_rows(
+        load_generators(models["ct2pet-district"], "cpu"), seeds)
     if args.only != "pet-denoise":
         out["ct2pet"] = ct_rows
-    out["command"] = "python -m bench.pet"
+    out["command"] = "python -m bench.pet" + (
+        "" if seeds == CT2PET_SEEDS else f" --ct2pet-seeds {' '.join(map(str, seeds))}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2))
 

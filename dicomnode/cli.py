@@ -425,9 +425,14 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
 @click.option("--iterations", type=click.IntRange(1), default=None,
               help="Iterations per model instead of a time budget (--seconds is then unused): "
                    "the same training on a slower or busier machine.")
+@click.option("--loss-in-district", multiple=True,
+              type=click.Choice(["head_neck", "trunk", "arms", "legs"]),
+              help="This district's model counts its L1 loss on the district's own voxels "
+                   "only, not on the rest of its patches (repeatable; README: arms).")
 def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
                      version: str, pair_dirs: tuple[str, ...], pretrain_share: float,
-                     ema_decay: float, init_dir: Path | None, iterations: int | None) -> None:
+                     ema_decay: float, init_dir: Path | None, iterations: int | None,
+                     loss_in_district: tuple[str, ...]) -> None:
     """Train the whole-body and district Pix2Pix models; write a model directory."""
     from dicomnode.pipelines.ct2pet import train_ct2pet
     from dicomnode.training import simulated_ct2pet_cases, site_ct2pet_cases
@@ -439,7 +444,8 @@ def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
     click.echo(f"{len(data)} training cases: {source}")
     stats = train_ct2pet(output=output_dir, cases=data, seconds=seconds, trained_on=source,
                          seed=seed, version=version, pretrain_share=pretrain_share,
-                         ema_decay=ema_decay, init=init_dir, iterations=iterations)
+                         ema_decay=ema_decay, init=init_dir, iterations=iterations,
+                         loss_in_district=tuple(loss_in_district))
     for name, s in stats.items():
         click.echo(f"{name}: {s['iterations']} iterations, L1 {s['l1_first']:.4f} -> "
                    f"{s['l1_last']:.4f}")

@@ -151,6 +151,17 @@ def test_ct2pet_training_writes_district_models(tmp_path: Path) -> None:
     assert out.shape == (40, 40, 40) and out.min() >= 0 and out.max() <= 20
 
 
+def test_ct2pet_training_names_an_unknown_district(tmp_path: Path) -> None:
+    """A misspelt district for the district-only loss is an error naming it, before training."""
+    from dicomnode.pipelines.ct2pet import train_ct2pet
+
+    ct = np.zeros((8, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="'arm'"):
+        train_ct2pet(output=tmp_path / "m", cases=[(ct, ct, {})], seconds=1, trained_on="x",
+                     loss_in_district=("arm",))
+    assert not (tmp_path / "m").exists()
+
+
 def test_pix2pix_fine_tuning_starts_from_the_given_weights() -> None:
     """train_pix2pix(init=...) continues from a generator and discriminator: a second short
     run stays far closer to the first run's weights than a fresh network is."""
@@ -172,6 +183,29 @@ def test_pix2pix_fine_tuning_starts_from_the_given_weights() -> None:
 
     torch.manual_seed(5)
     assert distance(gen1, gen0) < 0.01 * distance(Generator(4), gen0)
+
+
+def test_pix2pix_loss_masks_count_only_the_district() -> None:
+    """train_pix2pix(loss_masks=...): the L1 term sees only the masked voxels. Two targets that
+    differ only outside the mask give the same first L1 with the mask, different without it
+    (the first L1 is computed before any generator update)."""
+    from dicomnode.pipelines.ct2pet import train_pix2pix
+
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(0, 1, (36, 36, 36)).astype(np.float32)
+    mask = np.zeros(ct.shape, bool)
+    mask[8:28, 8:28, 8:28] = True
+    pet_a = (ct * 0.1).astype(np.float32)
+    pet_b = np.where(mask, pet_a, 0.9).astype(np.float32)
+    centres = [np.argwhere(mask)]
+
+    def first_l1(pet: np.ndarray, masked: bool) -> float:
+        _, stats = train_pix2pix([(ct, pet)], seconds=0.0, width=4, iterations=1,
+                                 centres=centres, loss_masks=[mask] if masked else None)
+        return float(stats["l1_first"])
+
+    assert first_l1(pet_a, True) == pytest.approx(first_l1(pet_b, True), rel=1e-6)
+    assert first_l1(pet_b, False) > first_l1(pet_a, False) + 0.1
 
 
 def test_ema_update_is_a_moving_average_of_the_weights() -> None:

@@ -233,7 +233,7 @@ def test_training_from_a_sites_own_pairs(tmp_path: Path) -> None:
     out = tmp_path / "model-ct2pet-finetuned"
     r = subprocess.run([sys.executable, "-m", "dicomnode.cli", "train", "ct2pet", "--pairs",
                         f"{case.ct}:{case.full}", "--seconds", "3", "--output", str(out),
-                        "--init", str(shipped)],
+                        "--init", str(shipped), "--loss-in-district", "trunk"],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr
     manifest = yaml.safe_load((out / "manifest.yaml").read_text())
@@ -243,6 +243,7 @@ def test_training_from_a_sites_own_pairs(tmp_path: Path) -> None:
     stats = json.loads((out / "training.json").read_text())
     tuned = torch.load(out / "model.pt", weights_only=True)
     original = torch.load(shipped / "model.pt", weights_only=True)
+    assert stats["trunk"]["l1_over"] == "district voxels"
     for name in tuned:
         assert stats[name]["initialised_from"] == f"{shipped} ({name})"
         # a few seconds of fine-tuning stay close to the start (a fresh network does not)

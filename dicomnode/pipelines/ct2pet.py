@@ -129,7 +129,8 @@ def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float,
                   width: int = 16, l1_weight: float = 100.0, batch: int = 4,
                   centres: list[np.ndarray] | None = None,
                   init: dict[str, Any] | None = None,
-                  ema_decay: float = 0.0, iterations: int | None = None) -> tuple[Any, dict]:
+                  ema_decay: float = 0.0, iterations: int | None = None,
+                  loss_masks: list[np.ndarray] | None = None) -> tuple[Any, dict]:
     """Pix2Pix on (CT [0,1], SUV/20) pairs of 32^3 patches: Adam 2e-4, adversarial + L1.
 
     Patches are drawn anywhere in a pair, or, with ``centres`` (voxel indices, N x 3, per
@@ -142,11 +143,14 @@ def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float,
     ``ema_decay`` > 0: the generator returned is an exponential moving average of the
     generator's weights over the iterations (decay ``min(ema_decay, (1 + i) / (10 + i))`` at
     iteration i), not its last iterate: an adversarial game leaves the last iterate wherever
-    its oscillation stopped. The last iterate's state is then in the stats as
-    ``"last_generator"`` (not JSON either).
+    its oscillation stopped.
 
     ``iterations``: stop after that many iterations instead of after ``seconds`` (the same
     training on a slower or busier machine).
+
+    ``loss_masks`` (per pair, boolean, the pair's grid): the L1 term counts only the voxels of
+    the mask (the district whose voxels the model will be asked for); the discriminator still
+    sees whole patches. With ``centres`` inside the masks every patch has some.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -162,7 +166,7 @@ def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float,
     t0, it, l1s = time.perf_counter(), 0, []
     while (it < iterations if iterations is not None
            else time.perf_counter() - t0 < seconds):
-        xs, ys = [], []
+        xs, ys, ws = [], [], []
         for _ in range(batch):
             i = int(rng.integers(len(pairs)))
             ct, pet = pairs[i]
@@ -175,6 +179,9 @@ def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float,
             sl = tuple(slice(a, a + PATCH) for a in c)
             xs.append(np.pad(ct[sl], [(0, PATCH - n) for n in ct[sl].shape], mode="edge"))
             ys.append(np.pad(pet[sl], [(0, PATCH - n) for n in pet[sl].shape], mode="edge"))
+            if loss_masks is not None:
+                mk = loss_masks[i][sl]
+                ws.append(np.pad(mk, [(0, PATCH - n) for n in mk.shape]).astype(np.float32))
         x = torch.from_numpy(np.stack(xs)[:, None])
         y = torch.from_numpy(np.stack(ys)[:, None])
         fake = gen(x)
@@ -184,7 +191,11 @@ def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float,
         loss_d.backward()
         od.step()
         d_fake = disc(torch.cat([x, fake], 1))
-        l1 = torch.mean(torch.abs(fake - y))
+        if loss_masks is None:
+            l1 = torch.mean(torch.abs(fake - y))
+        else:
+            wt = torch.from_numpy(np.stack(ws)[:, None])
+            l1 = torch.sum(torch.abs(fake - y) * wt) / torch.clamp(wt.sum(), min=1.0)
         loss_g = bce(d_fake, torch.ones_like(d_fake)) + l1_weight * l1
         og.zero_grad()
         loss_g.backward()
@@ -197,8 +208,7 @@ def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float,
                         "ema_decay": ema_decay,
                         "l1_first": float(np.mean(l1s[:10])),
                         "l1_last": float(np.mean(l1s[-10:])),
-                        "discriminator": copy.deepcopy(disc.state_dict()),
-                        "last_generator": None if ema is None else gen.state_dict()}
+                        "discriminator": copy.deepcopy(disc.state_dict())}
 
 
 def district_masks(hu: np.ndarray, spacing: tuple[float, float, float],
@@ -217,7 +227,8 @@ def district_masks(hu: np.ndarray, spacing: tuple[float, float, float],
 def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict]],
                  seconds: float, trained_on: str, seed: int = 0, version: str = "1.0.0",
                  pretrain_share: float = 0.0, ema_decay: float = 0.0,
-                 init: Path | None = None, iterations: int | None = None) -> dict[str, Any]:
+                 init: Path | None = None, iterations: int | None = None,
+                 loss_in_district: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train the whole-body model and one per district present; write the model directory.
 
     ``cases``: (CT [0,1], SUV/20, district masks) on the PET grid. Each model gets an equal
@@ -227,7 +238,7 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
     ``pretrain_share`` > 0: that share of ``seconds`` first trains a whole-body model that
     every district model starts from and is fine-tuned on its own district; the whole-body
     model is trained on for one share more, so that the baseline and every district model
-    have had the same time. Measured (README, 1.3.0 candidate: 1500 s, share 0.33, on three
+    have had the same time. Measured (docs/pet-experiments.md, 1.3.0 candidate: 1500 s, share 0.33, on three
     held-out phantoms): worse than from scratch in head/neck and the arms, better in the
     trunk; so the default stays 0.
 
@@ -235,12 +246,21 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
     the shipped models): each model starts from the generator of the same name there (the
     whole-body one for a district it lacks), with a new discriminator; ``trained_on`` then
     names it.
+
+    ``loss_in_district``: districts whose model's L1 counts only the district's own voxels
+    (those it is asked for at inference), not the rest of its 32^3 patches (``loss_masks``).
+    Measured (README): far better for the arms, whose patches are mostly trunk; worse for the
+    legs.
     """
     import hashlib
     import json
 
     import yaml
 
+    unknown = set(loss_in_district) - set(DISTRICTS)
+    if unknown:
+        raise ValueError(f"loss_in_district: unknown districts {sorted(unknown)} "
+                         f"(known: {', '.join(DISTRICTS)})")
     states: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     present = [d for d in DISTRICTS if sum(int(m[d].sum()) for _, _, m in cases) > 2000]
@@ -253,18 +273,16 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
                     for _, _, m in cases]
     start: dict[str, Any] | None = None
     given: dict[str, Any] = {}
+    if pre > 0 and (init is not None or iterations is not None):
+        raise ValueError("whole-body pretraining (pretrain_share, a share of the time) excludes "
+                         "fine-tuning a model directory (init) and an iteration budget "
+                         "(iterations)")
     if init is not None:
-        if pre > 0:
-            raise ValueError("fine-tuning a model directory (init) and whole-body pretraining "
-                             "(pretrain_share) are exclusive")
         given = torch.load(init / "model.pt", map_location="cpu", weights_only=True)
         base = yaml.safe_load((init / "manifest.yaml").read_text())
         trained_on = (f"{trained_on}; fine-tuned from {base['name']} {base['version']} "
                       f"(trained on {base['trained_on']})")
         start = {"generator": given["whole_body"], "discriminator": None}
-    if iterations is not None and pre > 0:
-        raise ValueError("an iteration budget (iterations) and whole-body pretraining "
-                         "(pretrain_share, a share of the time) are exclusive")
     if pre > 0:
         gen, pre_stats = train_pix2pix(body_pairs, seconds=pre, seed=seed, centres=body_centres,
                                        ema_decay=ema_decay)
@@ -282,11 +300,13 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
         gen, stats[d] = train_pix2pix([(c, p) for c, p, _ in with_d], seconds=share,
                                       seed=seed + 1, init=own, ema_decay=ema_decay,
                                       iterations=iterations,
-                                      centres=[np.argwhere(m) for _, _, m in with_d])
+                                      centres=[np.argwhere(m) for _, _, m in with_d],
+                                      loss_masks=([m for _, _, m in with_d]
+                                                  if d in loss_in_district else None))
+        stats[d]["l1_over"] = "district voxels" if d in loss_in_district else "whole patches"
         states[d] = gen.state_dict()
     for name, s in stats.items():
         s.pop("discriminator", None)
-        s.pop("last_generator", None)
         if init is not None:
             s["initialised_from"] = f"{init} ({name if name in given else 'whole_body'})"
         elif start is not None and name != "whole_body_pretraining":
