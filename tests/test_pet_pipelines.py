@@ -208,6 +208,25 @@ def test_pix2pix_loss_masks_count_only_the_district() -> None:
     assert first_l1(pet_b, False) > first_l1(pet_a, False) + 0.1
 
 
+def test_pix2pix_patches_flip_ct_pet_and_mask_together() -> None:
+    """sample_patches(flips=True) mirrors some patches left-right, and the CT, PET and loss
+    mask of a patch always together; without flips none is mirrored."""
+    from dicomnode.pipelines.ct2pet import sample_patches
+
+    x = np.arange(40, dtype=np.float32) / 40  # rises left to right
+    ct = np.broadcast_to(x, (36, 36, 40)).copy()
+    pet = (ct * 0.1).astype(np.float32)
+    mask = ct > 0.5
+    pairs, masks = [(ct, pet)], [mask]
+    for flips in (False, True):
+        xs, ys, ws = sample_patches(pairs, np.random.default_rng(0), batch=64, loss_masks=masks,
+                                    flips=flips)
+        assert xs.shape == ys.shape == ws.shape == (64, 32, 32, 32)
+        assert np.allclose(ys, xs * 0.1) and np.array_equal(ws > 0, xs > 0.5)
+        mirrored = int((xs[:, 0, 0, 0] > xs[:, 0, 0, -1]).sum())
+        assert (mirrored == 0) if not flips else (10 < mirrored < 54)
+
+
 def test_ema_update_is_a_moving_average_of_the_weights() -> None:
     """ema_update: average <- d * average + (1 - d) * model, for every parameter."""
     import torch

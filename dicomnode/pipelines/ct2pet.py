@@ -125,12 +125,44 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
             pa.mul_(decay).add_(pm.detach(), alpha=1 - decay)
 
 
+def sample_patches(pairs: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, *,
+                   batch: int, centres: list[np.ndarray] | None = None,
+                   loss_masks: list[np.ndarray] | None = None, flips: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One training batch of 32^3 (CT, PET, loss mask) patches, as :func:`train_pix2pix`
+    describes: a random pair, a random corner or a random centre voxel, edge-padded where a
+    volume is smaller than a patch, mirrored left-right with probability 1/2 when ``flips``.
+    Without ``loss_masks`` the masks are all ones."""
+    xs, ys, ws = [], [], []
+    for _ in range(batch):
+        i = int(rng.integers(len(pairs)))
+        ct, pet = pairs[i]
+        if centres is None:
+            c = [int(rng.integers(0, max(1, s - PATCH + 1))) for s in ct.shape]
+        else:
+            m = centres[i][int(rng.integers(len(centres[i])))]
+            c = [int(np.clip(v - PATCH // 2, 0, max(0, s - PATCH)))
+                 for v, s in zip(m, ct.shape, strict=True)]
+        sl = tuple(slice(a, a + PATCH) for a in c)
+        pad = [(0, PATCH - n) for n in ct[sl].shape]
+        xs.append(np.pad(ct[sl], pad, mode="edge"))
+        ys.append(np.pad(pet[sl], pad, mode="edge"))
+        ws.append(np.ones((PATCH,) * 3, np.float32) if loss_masks is None
+                  else np.pad(loss_masks[i][sl], pad).astype(np.float32))
+        if flips and rng.random() < 0.5:
+            for arrays in (xs, ys, ws):
+                arrays[-1] = arrays[-1][:, :, ::-1]
+    return (np.ascontiguousarray(np.stack(xs)), np.ascontiguousarray(np.stack(ys)),
+            np.ascontiguousarray(np.stack(ws)))
+
+
 def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float, seed: int = 0,
                   width: int = 16, l1_weight: float = 100.0, batch: int = 4,
                   centres: list[np.ndarray] | None = None,
                   init: dict[str, Any] | None = None,
                   ema_decay: float = 0.0, iterations: int | None = None,
-                  loss_masks: list[np.ndarray] | None = None) -> tuple[Any, dict]:
+                  loss_masks: list[np.ndarray] | None = None,
+                  flips: bool = False) -> tuple[Any, dict]:
     """Pix2Pix on (CT [0,1], SUV/20) pairs of 32^3 patches: Adam 2e-4, adversarial + L1.
 
     Patches are drawn anywhere in a pair, or, with ``centres`` (voxel indices, N x 3, per
@@ -151,6 +183,10 @@ def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float,
     ``loss_masks`` (per pair, boolean, the pair's grid): the L1 term counts only the voxels of
     the mask (the district whose voxels the model will be asked for); the discriminator still
     sees whole patches. With ``centres`` inside the masks every patch has some.
+
+    ``flips``: each patch (CT, PET and loss mask alike) is mirrored left-right with
+    probability 1/2, a body seen the other way round. Tried once on the leg model
+    (docs/pet-experiments.md): worse, but within the spread between training seeds; off.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -166,24 +202,10 @@ def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float,
     t0, it, l1s = time.perf_counter(), 0, []
     while (it < iterations if iterations is not None
            else time.perf_counter() - t0 < seconds):
-        xs, ys, ws = [], [], []
-        for _ in range(batch):
-            i = int(rng.integers(len(pairs)))
-            ct, pet = pairs[i]
-            if centres is None:
-                c = [int(rng.integers(0, max(1, s - PATCH + 1))) for s in ct.shape]
-            else:
-                m = centres[i][int(rng.integers(len(centres[i])))]
-                c = [int(np.clip(v - PATCH // 2, 0, max(0, s - PATCH)))
-                     for v, s in zip(m, ct.shape, strict=True)]
-            sl = tuple(slice(a, a + PATCH) for a in c)
-            xs.append(np.pad(ct[sl], [(0, PATCH - n) for n in ct[sl].shape], mode="edge"))
-            ys.append(np.pad(pet[sl], [(0, PATCH - n) for n in pet[sl].shape], mode="edge"))
-            if loss_masks is not None:
-                mk = loss_masks[i][sl]
-                ws.append(np.pad(mk, [(0, PATCH - n) for n in mk.shape]).astype(np.float32))
-        x = torch.from_numpy(np.stack(xs)[:, None])
-        y = torch.from_numpy(np.stack(ys)[:, None])
+        xs, ys, ws = sample_patches(pairs, rng, batch=batch, centres=centres,
+                                    loss_masks=loss_masks, flips=flips)
+        x = torch.from_numpy(xs[:, None])
+        y = torch.from_numpy(ys[:, None])
         fake = gen(x)
         d_real, d_fake = disc(torch.cat([x, y], 1)), disc(torch.cat([x, fake.detach()], 1))
         loss_d = 0.5 * (bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake)))
@@ -194,7 +216,7 @@ def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float,
         if loss_masks is None:
             l1 = torch.mean(torch.abs(fake - y))
         else:
-            wt = torch.from_numpy(np.stack(ws)[:, None])
+            wt = torch.from_numpy(ws[:, None])
             l1 = torch.sum(torch.abs(fake - y) * wt) / torch.clamp(wt.sum(), min=1.0)
         loss_g = bce(d_fake, torch.ones_like(d_fake)) + l1_weight * l1
         og.zero_grad()
