@@ -426,17 +426,21 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
               help="Iterations per model instead of a time budget (--seconds is then unused): "
                    "the same training on a slower or busier machine.")
 @click.option("--loss-in-district", multiple=True,
-              type=click.Choice(["head_neck", "trunk", "arms", "legs"]),
-              help="This district's model counts its L1 loss on the district's own voxels "
-                   "only, not on the rest of its patches (repeatable; README: arms).")
+              help="This district's model (head_neck, trunk, arms, legs) counts its L1 loss "
+                   "on the district's own voxels only, not on the rest of its patches "
+                   "(repeatable; README: arms).")
 def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
                      version: str, pair_dirs: tuple[str, ...], pretrain_share: float,
                      ema_decay: float, init_dir: Path | None, iterations: int | None,
                      loss_in_district: tuple[str, ...]) -> None:
     """Train the whole-body and district Pix2Pix models; write a model directory."""
-    from dicomnode.pipelines.ct2pet import train_ct2pet
+    from dicomnode.pipelines.ct2pet import check_districts, train_ct2pet
     from dicomnode.training import simulated_ct2pet_cases, site_ct2pet_cases
 
+    try:  # before the data is read or simulated
+        check_districts(tuple(loss_in_district))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--loss-in-district") from exc
     if pair_dirs:
         data, source = site_ct2pet_cases(list(pair_dirs))
     else:

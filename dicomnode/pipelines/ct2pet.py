@@ -31,10 +31,11 @@ from dicomnode.pipelines.base import (
     model_identity,
     save_outputs,
 )
+from dicomnode.pipelines.ct_tissue import DISTRICT_KEYS
 
 __all__ = ["DISTRICTS", "Generator", "predict", "run", "train_ct2pet"]
 
-DISTRICTS = ("head_neck", "trunk", "arms", "legs")
+DISTRICTS = DISTRICT_KEYS  # ct-tissue's districts, in its order
 PATCH, STRIDE, SUV_MAX = 32, 16, 20.0
 DEFAULT_MODEL = "ct2pet-district"
 
@@ -246,6 +247,13 @@ def district_masks(hu: np.ndarray, spacing: tuple[float, float, float],
     return districts(body, fake)
 
 
+def check_districts(names: tuple[str, ...]) -> None:
+    """A ValueError naming every one of ``names`` that is not a district."""
+    unknown = set(names) - set(DISTRICTS)
+    if unknown:
+        raise ValueError(f"unknown districts {sorted(unknown)} (known: {', '.join(DISTRICTS)})")
+
+
 def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict]],
                  seconds: float, trained_on: str, seed: int = 0, version: str = "1.0.0",
                  pretrain_share: float = 0.0, ema_decay: float = 0.0,
@@ -260,9 +268,9 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
     ``pretrain_share`` > 0: that share of ``seconds`` first trains a whole-body model that
     every district model starts from and is fine-tuned on its own district; the whole-body
     model is trained on for one share more, so that the baseline and every district model
-    have had the same time. Measured (docs/pet-experiments.md, 1.3.0 candidate: 1500 s, share 0.33, on three
-    held-out phantoms): worse than from scratch in head/neck and the arms, better in the
-    trunk; so the default stays 0.
+    have had the same time. Measured (docs/pet-experiments.md, 1.3.0 candidate: 1500 s,
+    share 0.33, on three held-out phantoms): worse than from scratch in head/neck and the
+    arms, better in the trunk; so the default stays 0.
 
     ``init``: a ct2pet model directory to fine-tune (a site with few PET/CT pairs starts from
     the shipped models): each model starts from the generator of the same name there (the
@@ -271,18 +279,15 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
 
     ``loss_in_district``: districts whose model's L1 counts only the district's own voxels
     (those it is asked for at inference), not the rest of its 32^3 patches (``loss_masks``).
-    Measured (README): far better for the arms, whose patches are mostly trunk; worse for the
-    legs.
+    Measured (README, docs/pet-experiments.md): far better for the arms, whose patches are
+    mostly trunk, at two training seeds; worse for the trunk and, at one seed, the legs.
     """
     import hashlib
     import json
 
     import yaml
 
-    unknown = set(loss_in_district) - set(DISTRICTS)
-    if unknown:
-        raise ValueError(f"loss_in_district: unknown districts {sorted(unknown)} "
-                         f"(known: {', '.join(DISTRICTS)})")
+    check_districts(loss_in_district)
     states: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     present = [d for d in DISTRICTS if sum(int(m[d].sum()) for _, _, m in cases) > 2000]
