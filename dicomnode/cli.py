@@ -429,30 +429,78 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
               help="This district's model (head_neck, trunk, arms, legs) counts its L1 loss "
                    "on the district's own voxels only, not on the rest of its patches "
                    "(repeatable; README: arms).")
+@click.option("--seeds-per-model", default=1, show_default=True, type=click.IntRange(1),
+              help="Train every model this many times from successive seeds and keep the one "
+                   "with the lowest MAE on the validation cases (README: one seed's result "
+                   "varies by more than most settings).")
+@click.option("--validation-cases", default=2, show_default=True, type=click.IntRange(1),
+              help="With --seeds-per-model > 1 and simulated data: whole-body phantoms to "
+                   "choose on, seeds --validation-seed, --validation-seed + 1, ...")
+@click.option("--validation-seed", default=500, show_default=True,
+              help="First validation phantom seed (must not be a training phantom's; the "
+                   "benchmark's are 1000+).")
+@click.option("--validation-pairs", "validation_dirs", multiple=True, type=str,
+              help="With --pairs and --seeds-per-model > 1: CT_DIR:PET_DIR studies to choose "
+                   "on, none of them among --pairs.")
 def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
                      version: str, pair_dirs: tuple[str, ...], pretrain_share: float,
                      ema_decay: float, init_dir: Path | None, iterations: int | None,
-                     loss_in_district: tuple[str, ...]) -> None:
+                     loss_in_district: tuple[str, ...], seeds_per_model: int,
+                     validation_cases: int, validation_seed: int,
+                     validation_dirs: tuple[str, ...]) -> None:
     """Train the whole-body and district Pix2Pix models; write a model directory."""
     from dicomnode.pipelines.ct2pet import check_districts, train_ct2pet
-    from dicomnode.training import simulated_ct2pet_cases, site_ct2pet_cases
+    from dicomnode.training import phantom_seeds, simulated_ct2pet_cases, site_ct2pet_cases
 
     try:  # before the data is read or simulated
         check_districts(tuple(loss_in_district))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--loss-in-district") from exc
+    if validation_dirs and (not pair_dirs or seeds_per_model == 1):
+        raise click.BadParameter("validation studies are used with --pairs and "
+                                 "--seeds-per-model > 1", param_hint="--validation-pairs")
+    if pair_dirs and seeds_per_model > 1:
+        if not validation_dirs:
+            raise click.BadParameter("--seeds-per-model > 1 with --pairs needs "
+                                     "--validation-pairs", param_hint="--seeds-per-model")
+        if set(validation_dirs) & set(pair_dirs):
+            raise click.BadParameter(f"{sorted(set(validation_dirs) & set(pair_dirs))} "
+                                     "also in --pairs", param_hint="--validation-pairs")
+    validation_seeds = list(range(validation_seed, validation_seed + validation_cases))
+    if not pair_dirs and seeds_per_model > 1:
+        taken = set(phantom_seeds(cases=cases, seed=seed)) | set(range(1000, 1005))
+        if taken & set(validation_seeds):
+            raise click.BadParameter(
+                f"phantom seeds {sorted(taken & set(validation_seeds))} are training or "
+                "benchmark phantoms", param_hint="--validation-seed")
     if pair_dirs:
         data, source = site_ct2pet_cases(list(pair_dirs))
     else:
         data, source = simulated_ct2pet_cases(cases=cases, seed=seed)
     click.echo(f"{len(data)} training cases: {source}")
+    validation, validation_source = None, ""
+    if seeds_per_model > 1:
+        if pair_dirs:
+            validation, validation_source = site_ct2pet_cases(list(validation_dirs))
+        else:
+            validation, validation_source = simulated_ct2pet_cases(
+                cases=validation_cases, seed=validation_seed, lidc=False)
+        click.echo(f"choosing each model of {seeds_per_model} seeds on {validation_source}")
+        source += (f"; each model the best of {seeds_per_model} training seeds by MAE on "
+                   f"{len(validation)} validation cases")
     stats = train_ct2pet(output=output_dir, cases=data, seconds=seconds, trained_on=source,
                          seed=seed, version=version, pretrain_share=pretrain_share,
                          ema_decay=ema_decay, init=init_dir, iterations=iterations,
-                         loss_in_district=tuple(loss_in_district))
+                         loss_in_district=tuple(loss_in_district),
+                         seeds_per_model=seeds_per_model, validation=validation,
+                         validation_source=validation_source)
     for name, s in stats.items():
+        chosen = "".join(f"; seed {c['seed']}: validation MAE {c['validation_mae_suv']:.4f}"
+                         for c in s.get("candidates", []))
+        if chosen:
+            chosen += f"; kept seed {s['seed']}"
         click.echo(f"{name}: {s['iterations']} iterations, L1 {s['l1_first']:.4f} -> "
-                   f"{s['l1_last']:.4f}")
+                   f"{s['l1_last']:.4f}{chosen}")
     click.echo(f"wrote {output_dir}")
 
 

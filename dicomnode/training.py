@@ -12,6 +12,7 @@ import numpy as np
 from dicomnode.simulate import pet_truth, simulate_pet
 
 __all__ = [
+    "phantom_seeds",
     "resample_onto",
     "simulated_ct2pet_cases",
     "simulated_pet_pairs",
@@ -41,19 +42,21 @@ class TrainingCT:
 
 
 def _training_cts(cases: int, *, seed: int, lidc_step: int,
-                  z_window_mm: float | None = None) -> Iterator[TrainingCT]:
+                  z_window_mm: float | None = None, lidc: bool = True
+                  ) -> Iterator[TrainingCT]:
     """The CTs the twin simulates from: lidc-idri-0001 first when the shared data is present
-    (every ``lidc_step``-th voxel), then whole-body phantoms (``dicomnode.phantom``, seeds
-    ``seed``, ``seed + 1``, ...), each cropped to a random ``z_window_mm`` when given."""
+    and ``lidc`` (every ``lidc_step``-th voxel), then whole-body phantoms
+    (``dicomnode.phantom``, seeds ``seed + i`` for case i), each cropped to a random
+    ``z_window_mm`` when given."""
     from dicomnode.phantom import whole_body
 
-    lidc = _lidc()
+    lidc_dir = _lidc() if lidc else None
     rng = np.random.default_rng(seed)
     for i in range(cases):
-        if lidc is not None and i == 0:
+        if lidc_dir is not None and i == 0:
             from dicomnode.volume import load_series
 
-            vol = load_series(sorted(lidc.glob("*.dcm")))
+            vol = load_series(sorted(lidc_dir.glob("*.dcm")))
             s = lidc_step
             affine = vol.affine.copy()
             affine[:3, :3] *= s
@@ -117,10 +120,13 @@ def site_pet_pairs(pair_dirs: list[str]
     return pairs, f"site data: {len(pairs)} low/full-dose pairs"
 
 
-def simulated_ct2pet_cases(*, cases: int, seed: int = 0
+def simulated_ct2pet_cases(*, cases: int, seed: int = 0, lidc: bool = True
                            ) -> tuple[list[tuple[np.ndarray, np.ndarray, dict]], str]:
     """(CT [0,1], SUV / 20, district masks) on the 4 mm PET grid, from the twin's noise-free
-    activity (the target a CT -> PET model can learn; lesions are random and not in the CT)."""
+    activity (the target a CT -> PET model can learn; lesions are random and not in the CT).
+
+    Case 0 is lidc-idri-0001 when the shared data is present and ``lidc``; case i otherwise
+    the whole-body phantom of seed ``seed + i`` (:func:`phantom_seeds`)."""
     from scipy import ndimage as ndi
 
     from dicomnode.pipelines.ct2pet import SUV_MAX, district_masks, norm_ct
@@ -128,7 +134,7 @@ def simulated_ct2pet_cases(*, cases: int, seed: int = 0
     out = []
     sources = []
     rng = np.random.default_rng(seed)
-    for ct in _training_cts(cases, seed=seed, lidc_step=1):
+    for ct in _training_cts(cases, seed=seed, lidc_step=1, lidc=lidc):
         truth, _, _ = pet_truth(ct.hu, ct.spacing, rng=rng, lesions=0, organs=ct.organs)
         factors = [s / 4.0 for s in ct.spacing]
         ct4 = norm_ct(ndi.zoom(ct.hu, factors, order=1))
@@ -140,7 +146,14 @@ def simulated_ct2pet_cases(*, cases: int, seed: int = 0
                      ).astype(np.float32), masks))
         sources.append(ct.name)
     return out, (f"SIMULATED data only: {cases} CTs ({', '.join(sorted(set(sources)))}) with "
-                 f"noise-free activity (organ uptake) from dicomnode's PET/CT twin, seed {seed}")
+                 f"noise-free activity (organ uptake) from dicomnode's PET/CT twin, seed {seed} "
+                 f"(phantom seeds {phantom_seeds(cases=cases, seed=seed, lidc=lidc)})")
+
+
+def phantom_seeds(*, cases: int, seed: int, lidc: bool = True) -> list[int]:
+    """The whole-body phantom seeds :func:`simulated_ct2pet_cases` uses for these arguments."""
+    first = 1 if lidc and _lidc() is not None else 0
+    return [seed + i for i in range(first, cases)]
 
 
 def resample_onto(values: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,

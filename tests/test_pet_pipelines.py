@@ -151,6 +151,65 @@ def test_ct2pet_training_writes_district_models(tmp_path: Path) -> None:
     assert out.shape == (40, 40, 40) and out.min() >= 0 and out.max() <= 20
 
 
+def test_ct2pet_keeps_the_seed_best_on_validation(tmp_path: Path) -> None:
+    """seeds_per_model=2: each model is trained from two seeds and the one with the lower
+    validation MAE is written; the written weights give the MAE recorded for them."""
+    import json
+
+    from dicomnode.models import scan_models
+    from dicomnode.pipelines.ct2pet import load_generators, train_ct2pet, validation_mae
+
+    rng = np.random.default_rng(1)
+
+    def case() -> tuple:
+        ct = rng.uniform(0.0, 1.0, (36, 36, 36)).astype(np.float32)
+        legs = np.zeros(ct.shape, bool)
+        legs[:18] = True
+        masks = {"head_neck": np.zeros(ct.shape, bool), "trunk": ~legs,
+                 "arms": np.zeros(ct.shape, bool), "legs": legs}
+        return ct, (ct * 0.2).astype(np.float32), masks
+
+    cases, validation = [case(), case()], [case()]
+    with pytest.raises(ValueError, match="validation"):
+        train_ct2pet(output=tmp_path / "x", cases=cases, seconds=1, trained_on="x",
+                     seeds_per_model=2)
+    stats = train_ct2pet(output=tmp_path / "m", cases=cases, seconds=0, iterations=6,
+                         trained_on="unit test", seed=3, seeds_per_model=2,
+                         validation=validation, validation_source="one random case")
+    assert json.loads((tmp_path / "m" / "training.json").read_text()) == stats
+    found, _ = scan_models(tmp_path)
+    gens = load_generators(found["m"], "cpu")
+    for name, first in (("whole_body", 3), ("trunk", 4), ("legs", 4)):
+        tried = stats[name]["candidates"]
+        assert [c["seed"] for c in tried] == [first, first + 1]
+        maes = [c["validation_mae_suv"] for c in tried]
+        assert maes[0] != maes[1]
+        assert stats[name]["validation_mae_suv"] == min(maes)
+        assert stats[name]["seed"] == tried[int(np.argmin(maes))]["seed"]
+        assert stats[name]["validation"] == "one random case"
+        written = validation_mae(gens[name], validation,
+                                 None if name == "whole_body" else name)
+        assert written == pytest.approx(min(maes), rel=1e-5)
+
+
+def test_train_ct2pet_cli_refuses_bad_validation_before_simulating(tmp_path: Path) -> None:
+    """Validation phantoms that are training phantoms, or site pairs without validation
+    studies, are refused naming the option, before any data is simulated or written."""
+    import subprocess
+    import sys
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dicomnode.cli", "train", "ct2pet",
+                               "--output", str(tmp_path / "m"), "--seeds-per-model", "2",
+                               *args], capture_output=True, text=True, timeout=120)
+
+    r = train("--cases", "6", "--validation-seed", "4")
+    assert r.returncode == 2 and "--validation-seed" in r.stderr and "[4, 5]" in r.stderr
+    r = train("--pairs", "a:b")
+    assert r.returncode == 2 and "--validation-pairs" in r.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_ct2pet_training_names_an_unknown_district(tmp_path: Path) -> None:
     """A misspelt district for the district-only loss is an error naming it, before training."""
     from dicomnode.pipelines.ct2pet import train_ct2pet

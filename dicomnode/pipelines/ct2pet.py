@@ -254,11 +254,30 @@ def check_districts(names: tuple[str, ...]) -> None:
         raise ValueError(f"unknown districts {sorted(unknown)} (known: {', '.join(DISTRICTS)})")
 
 
+def validation_mae(generator: Any, cases: list[tuple[np.ndarray, np.ndarray, dict]],
+                   district: str | None) -> float:
+    """MAE in SUV of ``generator`` on ``cases`` (CT [0,1], SUV/20, district masks) over the
+    voxels of ``district`` (None: of every district, the whole-body model's job), pooled."""
+    err, n = 0.0, 0
+    for ct, pet, masks in cases:
+        region = (masks[district] if district is not None
+                  else np.logical_or.reduce([masks[d] for d in DISTRICTS]))
+        if region.any():
+            pred = predict(generator, ct, region=region)
+            err += float(np.abs(pred - pet * SUV_MAX)[region].sum())
+            n += int(region.sum())
+    if n == 0:
+        raise ValueError(f"no validation case has voxels of {district or 'any district'}")
+    return err / n
+
+
 def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict]],
                  seconds: float, trained_on: str, seed: int = 0, version: str = "1.0.0",
                  pretrain_share: float = 0.0, ema_decay: float = 0.0,
                  init: Path | None = None, iterations: int | None = None,
-                 loss_in_district: tuple[str, ...] = ()) -> dict[str, Any]:
+                 loss_in_district: tuple[str, ...] = (), seeds_per_model: int = 1,
+                 validation: list[tuple[np.ndarray, np.ndarray, dict]] | None = None,
+                 validation_source: str = "") -> dict[str, Any]:
     """Train the whole-body model and one per district present; write the model directory.
 
     ``cases``: (CT [0,1], SUV/20, district masks) on the PET grid. Each model gets an equal
@@ -281,6 +300,14 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
     (those it is asked for at inference), not the rest of its 32^3 patches (``loss_masks``).
     Measured (README, docs/pet-experiments.md): far better for the arms, whose patches are
     mostly trunk, at two training seeds; worse for the trunk and, at one seed, the legs.
+
+    ``seeds_per_model`` > 1: every model (the whole-body baseline too) is trained that many
+    times, from training seeds ``s, s + 1, ...`` (``s`` the seed its single training uses),
+    and the one with the lowest MAE on ``validation`` (cases like ``cases``, none of them
+    training or test cases) over the voxels it is asked for (its district; the whole-body
+    model: every district) is kept; each candidate gets ``iterations`` (or an equal share of
+    ``seconds``). The results of one training seed differ by more than most of the choices
+    above (docs/pet-experiments.md: legs 0.058-0.062 vs 0.075-0.078 SUV between two seeds).
     """
     import hashlib
     import json
@@ -288,11 +315,15 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
     import yaml
 
     check_districts(loss_in_district)
+    if seeds_per_model < 1 or (seeds_per_model > 1 and not validation):
+        raise ValueError("seeds_per_model > 1 chooses on validation cases: give some "
+                         f"(seeds_per_model={seeds_per_model}, "
+                         f"{len(validation or [])} validation cases)")
     states: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     present = [d for d in DISTRICTS if sum(int(m[d].sum()) for _, _, m in cases) > 2000]
     pre = seconds * pretrain_share
-    share = (seconds - pre) / (1 + len(present))
+    share = (seconds - pre) / (1 + len(present)) / seeds_per_model
     # the whole-body model sees patches around any body voxel (every district), as the
     # district models see patches around their own: neither spends its time on air
     body_pairs = [(c, p) for c, p, _ in cases]
@@ -316,22 +347,36 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
         start = {"generator": copy.deepcopy(gen.state_dict()),
                  "discriminator": pre_stats.pop("discriminator")}
         stats["whole_body_pretraining"] = pre_stats
-    gen, stats["whole_body"] = train_pix2pix(body_pairs, seconds=share,
-                                             seed=seed if start is None else seed + 2,
-                                             centres=body_centres, init=start,
-                                             ema_decay=ema_decay, iterations=iterations)
-    states["whole_body"] = gen.state_dict()
+
+    def best_of_seeds(name: str, first_seed: int, **kwargs: Any) -> None:
+        """Train ``name`` ``seeds_per_model`` times; keep the best on validation."""
+        tried = []
+        for k in range(seeds_per_model):
+            gen, st = train_pix2pix(seconds=share, seed=first_seed + k, ema_decay=ema_decay,
+                                    iterations=iterations, **kwargs)
+            st["seed"] = first_seed + k
+            if validation:
+                st["validation_mae_suv"] = validation_mae(
+                    gen, validation, None if name == "whole_body" else name)
+            tried.append(st)
+            if k == 0 or st["validation_mae_suv"] < stats[name]["validation_mae_suv"]:
+                stats[name], states[name] = st, copy.deepcopy(gen.state_dict())
+        if seeds_per_model > 1:
+            stats[name]["candidates"] = [
+                {key: st[key] for key in ("seed", "validation_mae_suv", "l1_last")}
+                for st in tried]
+            stats[name]["validation"] = validation_source
+
+    best_of_seeds("whole_body", seed if start is None else seed + 2, pairs=body_pairs,
+                  centres=body_centres, init=start)
     for d in present:
         with_d = [(c, p, m[d]) for c, p, m in cases if m[d].any()]
         own = {"generator": given[d], "discriminator": None} if d in given else start
-        gen, stats[d] = train_pix2pix([(c, p) for c, p, _ in with_d], seconds=share,
-                                      seed=seed + 1, init=own, ema_decay=ema_decay,
-                                      iterations=iterations,
-                                      centres=[np.argwhere(m) for _, _, m in with_d],
-                                      loss_masks=([m for _, _, m in with_d]
-                                                  if d in loss_in_district else None))
+        best_of_seeds(d, seed + 1, pairs=[(c, p) for c, p, _ in with_d], init=own,
+                      centres=[np.argwhere(m) for _, _, m in with_d],
+                      loss_masks=([m for _, _, m in with_d]
+                                  if d in loss_in_district else None))
         stats[d]["l1_over"] = "district voxels" if d in loss_in_district else "whole patches"
-        states[d] = gen.state_dict()
     for name, s in stats.items():
         s.pop("discriminator", None)
         if init is not None:
