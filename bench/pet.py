@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from dicomnode.training import BENCH_PHANTOM_SEEDS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "pet.json"
 DATA = Path(os.environ.get("DICOMNODE_TEST_DATA", ROOT.parent / "shared" / "data"))
@@ -45,9 +47,11 @@ SIMULATED_DENOISE = ((1000, (900.0, 1300.0)), (1001, (1250.0, 1650.0)))
 # lesions smaller than this many PET voxels (1 ml at 4 mm) are left out of the SUV biases: at
 # 1-2 PSF widths their mean is mostly partial volume and the relative bias mostly noise
 MIN_LESION_VOXELS = 16
-# held-out whole-body phantoms for ct2pet (the shipped model saw seeds 1-5); one case takes
-# about 1 min on 2 cores (each model over its own districts only, in 32^3 patches, stride 16)
-CT2PET_SEEDS = (1000, 1001, 1002)
+# held-out whole-body phantoms for ct2pet (the shipped models were trained on seeds 1-5 and
+# chosen on 500-501); one case takes about 1 min on 2 cores (each model over its own districts
+# only, in 32^3 patches, stride 16)
+CT2PET_SEEDS = BENCH_PHANTOM_SEEDS[:3]
+SHIPPED_CT2PET_SAW = {**{s: "trained" for s in range(1, 6)}, 500: "chosen", 501: "chosen"}
 warnings.simplefilter("ignore")
 
 
@@ -142,7 +146,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS.parent / "pet-candidate.json",
                         help="results file of a --ct2pet-model run")
     parser.add_argument("--ct2pet-seeds", type=int, nargs="+", default=list(CT2PET_SEEDS),
-                        help="held-out whole-body phantom seeds for ct2pet (not 1-5: training)")
+                        help="held-out whole-body phantom seeds for ct2pet (not 1-5, 500-501: training, choice)")
     args = parser.parse_args()
     from dicomnode import phantom, simulate, simulate_io
     from dicomnode.models import load_entry, load_network, scan_models
@@ -159,8 +163,10 @@ def main() -> None:
     from dicomnode.volume import load_series
 
     seeds = tuple(args.ct2pet_seeds)
-    if any(1 <= s <= 5 for s in seeds):
-        parser.error("phantom seeds 1-5 trained the shipped ct2pet models")
+    seen = {s: SHIPPED_CT2PET_SAW[s] for s in seeds if s in SHIPPED_CT2PET_SAW}
+    if seen:
+        parser.error(f"phantom seeds {seen}: these trained or chose the shipped ct2pet models "
+                     "(seeds 1-5 trained them, 500-501 chose among training seeds)")
     if args.ct2pet_model is not None:
         entry = load_entry(args.ct2pet_model)
         candidate = {"benchmark": "pet", "device": "cpu", "cpus": os.cpu_count(),

@@ -450,7 +450,12 @@ def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
                      validation_dirs: tuple[str, ...]) -> None:
     """Train the whole-body and district Pix2Pix models; write a model directory."""
     from dicomnode.pipelines.ct2pet import check_districts, train_ct2pet
-    from dicomnode.training import phantom_seeds, simulated_ct2pet_cases, site_ct2pet_cases
+    from dicomnode.training import (
+        BENCH_PHANTOM_SEEDS,
+        phantom_seeds,
+        simulated_ct2pet_cases,
+        site_ct2pet_cases,
+    )
 
     try:  # before the data is read or simulated
         check_districts(tuple(loss_in_district))
@@ -468,7 +473,7 @@ def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
                                      "also in --pairs", param_hint="--validation-pairs")
     validation_seeds = list(range(validation_seed, validation_seed + validation_cases))
     if not pair_dirs and seeds_per_model > 1:
-        taken = set(phantom_seeds(cases=cases, seed=seed)) | set(range(1000, 1005))
+        taken = set(phantom_seeds(cases=cases, seed=seed)) | set(BENCH_PHANTOM_SEEDS)
         if taken & set(validation_seeds):
             raise click.BadParameter(
                 f"phantom seeds {sorted(taken & set(validation_seeds))} are training or "

@@ -193,8 +193,9 @@ def test_ct2pet_keeps_the_seed_best_on_validation(tmp_path: Path) -> None:
 
 
 def test_train_ct2pet_cli_refuses_bad_validation_before_simulating(tmp_path: Path) -> None:
-    """Validation phantoms that are training phantoms, or site pairs without validation
-    studies, are refused naming the option, before any data is simulated or written."""
+    """Validation phantoms that are training or benchmark phantoms, or site pairs without
+    validation studies, are refused naming the option, before any data is simulated or
+    written."""
     import subprocess
     import sys
 
@@ -205,6 +206,8 @@ def test_train_ct2pet_cli_refuses_bad_validation_before_simulating(tmp_path: Pat
 
     r = train("--cases", "6", "--validation-seed", "4")
     assert r.returncode == 2 and "--validation-seed" in r.stderr and "[4, 5]" in r.stderr
+    r = train("--validation-seed", "1003")  # the benchmark's confirmation phantoms
+    assert r.returncode == 2 and "[1003, 1004]" in r.stderr
     r = train("--pairs", "a:b")
     assert r.returncode == 2 and "--validation-pairs" in r.stderr
     assert not (tmp_path / "m").exists()
