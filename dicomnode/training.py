@@ -53,23 +53,22 @@ def _training_cts(cases: int, *, seed: int, lidc_step: int,
 
     lidc_dir = _lidc() if lidc else None
     rng = np.random.default_rng(seed)
-    for i in range(cases):
-        if lidc_dir is not None and i == 0:
-            from dicomnode.volume import load_series
+    if lidc_dir is not None and cases > 0:
+        from dicomnode.volume import load_series
 
-            vol = load_series(sorted(lidc_dir.glob("*.dcm")))
-            s = lidc_step
-            affine = vol.affine.copy()
-            affine[:3, :3] *= s
-            yield TrainingCT(vol.array[::s, ::s, ::s],
-                             (vol.spacing[0] * s, vol.spacing[1] * s, vol.spacing[2] * s),
-                             affine, "lidc-idri-0001")
-            continue
+        vol = load_series(sorted(lidc_dir.glob("*.dcm")))
+        s = lidc_step
+        affine = vol.affine.copy()
+        affine[:3, :3] *= s
+        yield TrainingCT(vol.array[::s, ::s, ::s],
+                         (vol.spacing[0] * s, vol.spacing[1] * s, vol.spacing[2] * s),
+                         affine, "lidc-idri-0001")
+    for phantom_seed in phantom_seeds(cases=cases, seed=seed, lidc=lidc):
         z_range = None
         if z_window_mm:
             z0 = float(rng.uniform(0.0, 1650.0 - z_window_mm))
             z_range = (z0, z0 + z_window_mm)
-        body = whole_body(seed + i, z_range_mm=z_range)
+        body = whole_body(phantom_seed, z_range_mm=z_range)
         yield TrainingCT(body.hu, body.spacing, body.affine, "whole-body phantom",
                          body.organs)
 
@@ -157,7 +156,9 @@ BENCH_PHANTOM_SEEDS = (1000, 1001, 1002, 1003, 1004)
 
 
 def phantom_seeds(*, cases: int, seed: int, lidc: bool = True) -> list[int]:
-    """The whole-body phantom seeds :func:`simulated_ct2pet_cases` uses for these arguments."""
+    """The whole-body phantom seeds of the twin's training CTs (``simulated_ct2pet_cases``,
+    ``simulated_pet_pairs``) for these arguments: case i is phantom ``seed + i``, case 0
+    lidc-idri-0001 instead when the shared data is present and ``lidc``."""
     first = 1 if lidc and _lidc() is not None else 0
     return [seed + i for i in range(first, cases)]
 

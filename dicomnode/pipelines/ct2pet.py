@@ -254,14 +254,18 @@ def check_districts(names: tuple[str, ...]) -> None:
         raise ValueError(f"unknown districts {sorted(unknown)} (known: {', '.join(DISTRICTS)})")
 
 
+def all_districts(masks: dict[str, np.ndarray]) -> np.ndarray:
+    """The union of a case's district masks: the voxels the whole-body model is asked for."""
+    return np.logical_or.reduce([masks[d] for d in DISTRICTS])
+
+
 def validation_mae(generator: Any, cases: list[tuple[np.ndarray, np.ndarray, dict]],
                    district: str | None) -> float:
     """MAE in SUV of ``generator`` on ``cases`` (CT [0,1], SUV/20, district masks) over the
     voxels of ``district`` (None: of every district, the whole-body model's job), pooled."""
     err, n = 0.0, 0
     for ct, pet, masks in cases:
-        region = (masks[district] if district is not None
-                  else np.logical_or.reduce([masks[d] for d in DISTRICTS]))
+        region = masks[district] if district is not None else all_districts(masks)
         if region.any():
             pred = predict(generator, ct, region=region)
             err += float(np.abs(pred - pet * SUV_MAX)[region].sum())
@@ -327,8 +331,7 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
     # the whole-body model sees patches around any body voxel (every district), as the
     # district models see patches around their own: neither spends its time on air
     body_pairs = [(c, p) for c, p, _ in cases]
-    body_centres = [np.argwhere(np.logical_or.reduce([m[d] for d in DISTRICTS]))
-                    for _, _, m in cases]
+    body_centres = [np.argwhere(all_districts(m)) for _, _, m in cases]
     start: dict[str, Any] | None = None
     given: dict[str, Any] = {}
     if pre > 0 and (init is not None or iterations is not None):
@@ -354,6 +357,7 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
         for k in range(seeds_per_model):
             gen, st = train_pix2pix(seconds=share, seed=first_seed + k, ema_decay=ema_decay,
                                     iterations=iterations, **kwargs)
+            st.pop("discriminator")  # only the pretraining's is passed on
             st["seed"] = first_seed + k
             if validation:
                 st["validation_mae_suv"] = validation_mae(
@@ -378,7 +382,6 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
                                   if d in loss_in_district else None))
         stats[d]["l1_over"] = "district voxels" if d in loss_in_district else "whole patches"
     for name, s in stats.items():
-        s.pop("discriminator", None)
         if init is not None:
             s["initialised_from"] = f"{init} ({name if name in given else 'whole_body'})"
         elif start is not None and name != "whole_body_pretraining":
