@@ -5,9 +5,10 @@ pet-denoise, for DRF 4 and 10:
   pseudo-SUV), each made low dose by ``lowdose_from_pet`` (OSEM and the twin's 4 mm
   post-filter); reference: the original series;
 * simulated cases from the PET/CT twin: whole-body phantoms with organ uptake and 8 lesions
-  (6-15 mm radius), seeds not used in training (1000+), a 400 mm window each
-  (abdomen-thorax; thorax-head); reference: the full-dose reconstruction, with lesion masks
-  for the SUV biases (lesions of at least 1 ml); every reconstruction post-filtered (4 mm).
+  (6-15 mm radius), seeds not used in training (1000+), a 400 mm window each on the 4 mm PET
+  grid (abdomen-thorax; thorax-head) and a 250 mm window on a 2 mm grid (the real phantoms'
+  voxel size); reference: the full-dose reconstruction, with lesion masks for the SUV biases
+  (lesions of at least 1 ml); every reconstruction post-filtered (4 mm).
 Methods: the low-dose input, a Gaussian filter (5 mm FWHM), DRMC (the shipped model).
 Metrics: PSNR (data range: the reference's maximum), SSIM (3-D, Gaussian sigma 1.5), and in
 lesions, B_mean = |SUVmean_pred - SUVmean_ref| / SUVmean_ref and the same for SUVmax (DRMC
@@ -20,7 +21,8 @@ body, MAE per district, mean SUV per organ (predicted, true); whole-body model v
 models.
 
 Times are CPU seconds per case on this machine. Results: bench/results/pet.json.
-Run: ``.venv/bin/python -m bench.pet``.
+Run: ``.venv/bin/python -m bench.pet``; a candidate DRMC model:
+``--denoise-model DIR --out FILE`` (pet-denoise rows only, into FILE).
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "pet.json"
 DATA = Path(os.environ.get("DICOMNODE_TEST_DATA", ROOT.parent / "shared" / "data"))
 WORK = ROOT / "bench" / "work" / "pet"
-# held-out simulated cases for pet-denoise: (phantom seed, heights above the soles in mm);
-# the shipped model saw phantom seeds 1-7
-SIMULATED_DENOISE = ((1000, (900.0, 1300.0)), (1001, (1250.0, 1650.0)))
+# held-out simulated cases for pet-denoise: (phantom seed, heights above the soles in mm, PET
+# voxel size in mm); the shipped model saw phantom seeds 1-7
+SIMULATED_DENOISE = ((1000, (900.0, 1300.0), 4.0), (1001, (1250.0, 1650.0), 4.0),
+                     (1002, (1000.0, 1250.0), 2.0))
 # lesions smaller than this many PET voxels (1 ml at 4 mm) are left out of the SUV biases: at
 # 1-2 PSF widths their mean is mostly partial volume and the relative bias mostly noise
 MIN_LESION_VOXELS = 16
@@ -143,8 +146,11 @@ def main() -> None:
     parser.add_argument("--ct2pet-model", type=Path, default=None,
                         help="a candidate ct2pet model directory instead of the shipped one; "
                              "only ct2pet runs, and its rows go to --out, not pet.json")
+    parser.add_argument("--denoise-model", type=Path, default=None,
+                        help="a candidate pet-denoise model directory instead of the shipped "
+                             "one; only pet-denoise runs, and its rows go to --out")
     parser.add_argument("--out", type=Path, default=RESULTS.parent / "pet-candidate.json",
-                        help="results file of a --ct2pet-model run")
+                        help="results file of a --ct2pet-model or --denoise-model run")
     parser.add_argument("--ct2pet-seeds", type=int, nargs="+", default=list(CT2PET_SEEDS),
                         help="held-out whole-body phantom seeds for ct2pet (not 1-5, 500-501: training, choice)")
     args = parser.parse_args()
@@ -180,8 +186,14 @@ def main() -> None:
         return
     models, problems = scan_models(ROOT / "models")
     assert not problems, problems
-    drmc = load_network(models["pet-denoise-drmc"], device="cpu")
+    denoise_entry = (models["pet-denoise-drmc"] if args.denoise_model is None
+                     else load_entry(args.denoise_model))
+    drmc = load_network(denoise_entry, device="cpu")
     out: dict[str, object] = {"benchmark": "pet", "device": "cpu", "cpus": os.cpu_count()}
+    if args.denoise_model is not None:
+        args.only = "pet-denoise"
+        out["model"] = (f"{args.denoise_model} ({denoise_entry.manifest.name} "
+                        f"{denoise_entry.manifest.version}: {denoise_entry.manifest.trained_on})")
     rows = []
 
     def evaluate(case: str, drf: int, low: np.ndarray, ref: np.ndarray, spacing: tuple,
@@ -211,7 +223,8 @@ def main() -> None:
     twin_code = hashlib.sha256(b"".join(
         Path(m.__file__).read_bytes() for m in (simulate, simulate_io, phantom) if m.__file__)
     ).hexdigest()[:12]
-    previous = json.loads(RESULTS.read_text()) if args.only and RESULTS.exists() else {}
+    previous = (json.loads(RESULTS.read_text())
+                if args.only and args.denoise_model is None and RESULTS.exists() else {})
     out.update({k: v for k, v in previous.items() if k in ("pet_denoise", "ct2pet")})
     names = () if args.only == "ct2pet" else ("philips-gemini-ctac", "ge-advance-bigendian",
                                               "ge-signa-petmr-fdg")
@@ -226,8 +239,9 @@ def main() -> None:
             low = load_series(sorted(folder.iterdir())).array * factor
             evaluate(f"real phantom {name}", drf, low, np.clip(ref, 0, None),
                      ref_vol.spacing, None)
-    for seed, window in () if args.only == "ct2pet" else SIMULATED_DENOISE:
-        cache = WORK / f"twin-seed{seed}-z{window[0]:.0f}-{window[1]:.0f}-{twin_code}.npz"
+    for seed, window, pet_mm in () if args.only == "ct2pet" else SIMULATED_DENOISE:
+        grid = "" if pet_mm == 4.0 else f"-{pet_mm:g}mm"
+        cache = WORK / f"twin-seed{seed}-z{window[0]:.0f}-{window[1]:.0f}{grid}-{twin_code}.npz"
         if cache.exists():
             with np.load(cache) as z:
                 twin = PetTwin(truth=z["truth"], full=z["full"], lesions=z["lesions"],
@@ -237,7 +251,7 @@ def main() -> None:
             body = whole_body(seed, z_range_mm=window)
             t0 = time.perf_counter()
             twin = simulate_pet(body.hu, body.spacing, drfs=(4, 10), seed=seed, angles=64,
-                                lesions=8, radius_mm=(6.0, 15.0), organs=body.organs,
+                                pet_mm=pet_mm, lesions=8, radius_mm=(6.0, 15.0), organs=body.organs,
                                 processes=os.cpu_count() or 1)
             print(f"simulated seed {seed} {window} in {time.perf_counter() - t0:.0f} s",
                   flush=True)
@@ -245,8 +259,16 @@ def main() -> None:
             np.savez(cache, truth=twin.truth, full=twin.full, lesions=twin.lesions,
                      low4=twin.low[4], low10=twin.low[10], spacing=np.array(twin.spacing))
         for drf, low in twin.low.items():
-            evaluate(f"simulated whole-body seed {seed} z {window[0]:.0f}-{window[1]:.0f} mm",
+            evaluate(f"simulated whole-body seed {seed} z {window[0]:.0f}-{window[1]:.0f} mm"
+                     + ("" if pet_mm == 4.0 else f", {pet_mm:g} mm grid"),
                      drf, low, twin.full, twin.spacing, twin.lesions, twin.truth)
+    if args.denoise_model is not None:
+        out["pet_denoise"] = rows
+        out["command"] = (f"python -m bench.pet --denoise-model {args.denoise_model} "
+                          f"--out {args.out}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2))
+        return
     if args.only != "ct2pet":
         out["pet_denoise"] = rows
 

@@ -376,10 +376,15 @@ def train() -> None:
 @click.option("--data-cache", type=click.Path(path_type=Path), default=None,
               help="An .npz file: the simulated pairs are saved there, or read from it when "
               "it exists (the simulation is the slow part).")
+@click.option("--pet-mm", "pet_mm", multiple=True, type=click.FloatRange(min=0.5),
+              default=(4.0,), show_default=True,
+              help="PET voxel size of the simulated cases in mm; repeated, case i uses the "
+                   "i-th modulo their number (README: train on the voxel sizes the model "
+                   "will see).")
 def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], seconds: float,
                       pair_dirs: tuple[str, ...], seed: int, version: str,
                       processes: int, lesion_weight: float, init_dir: Path | None,
-                      data_cache: Path | None) -> None:
+                      data_cache: Path | None, pet_mm: tuple[float, ...]) -> None:
     """Train DRMC and write a model directory with its manifest (sha256, trained_on)."""
     from dicomnode.pipelines.pet_denoise import train as train_drmc
     from dicomnode.training import load_pairs, save_pairs, simulated_pet_pairs, site_pet_pairs
@@ -390,7 +395,7 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
         pairs, source = load_pairs(data_cache)
     else:
         pairs, source = simulated_pet_pairs(cases=cases, drfs=drfs, seed=seed,
-                                            processes=processes)
+                                            processes=processes, pet_mm=pet_mm)
         if data_cache is not None:
             save_pairs(data_cache, pairs, source)
     click.echo(f"{len(pairs)} training pairs: {source}")

@@ -74,7 +74,8 @@ def _training_cts(cases: int, *, seed: int, lidc_step: int,
 
 
 def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
-                        z_window_mm: float = 320.0, processes: int = 1
+                        z_window_mm: float = 320.0, processes: int = 1,
+                        pet_mm: tuple[float, ...] = (4.0,)
                         ) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], str]:
     """(low-dose SUV, full-dose SUV, lesion labels) from the twin, and a description.
 
@@ -82,14 +83,19 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
     FWHM), post-filter (3-6 mm FWHM), lesion count (3-8), size (4-15 mm radius) and contrast
     (2-10 x), standing in for different centres and patients; anatomy from whole-body phantoms with organ uptake (a
     random ``z_window_mm`` of each) and, when the shared data is present, lidc-idri-0001.
+    Case i is reconstructed on a PET grid of ``pet_mm[i % len(pet_mm)]`` mm: scanners write
+    2-4 mm voxels, and a network trained on one voxel size does not carry over to another
+    (docs/pet-experiments.md: the 4 mm-only model loses to a Gaussian filter on a 2 mm grid).
     """
+    if not pet_mm or min(pet_mm) <= 0:
+        raise ValueError(f"pet_mm must hold positive voxel sizes, not {pet_mm}")
     rng = np.random.default_rng(seed)
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
     sources = []
     for i, ct in enumerate(_training_cts(cases, seed=seed, lidc_step=2,
                                          z_window_mm=z_window_mm)):
         twin = simulate_pet(ct.hu, ct.spacing, drfs=drfs, seed=seed + i, angles=64,
-                            dose_mbq=float(rng.uniform(150, 400)),
+                            pet_mm=pet_mm[i % len(pet_mm)], dose_mbq=float(rng.uniform(150, 400)),
                             sensitivity_cps_per_mbq=float(rng.uniform(1000, 4000)),
                             fwhm_mm=float(rng.uniform(4.5, 6.5)), lesions=int(rng.integers(3, 9)),
                             radius_mm=(4.0, 15.0), contrast=(2.0, 10.0), organs=ct.organs,
@@ -99,7 +105,9 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
         sources.append(ct.name)
     desc = (f"SIMULATED data only: {cases} cases of dicomnode's PET/CT twin "
             f"({', '.join(sorted(set(sources)))}), DRF {', '.join(map(str, drfs))}, OSEM "
-            f"post-filtered 3-6 mm, seed {seed}")
+            f"post-filtered 3-6 mm, seed {seed}"
+            + ("" if tuple(pet_mm) == (4.0,) else
+               f", PET grids {' / '.join(f'{m:g}' for m in pet_mm)} mm"))
     return pairs, desc
 
 

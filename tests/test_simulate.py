@@ -251,3 +251,26 @@ def test_training_from_a_sites_own_pairs(tmp_path: Path) -> None:
                     for k in tuned[name])
         scale = sum(float(torch.sum(v ** 2)) for v in original[name].values())
         assert moved < 0.01 * scale, name
+
+
+def test_denoise_training_cases_on_the_pet_grids_asked_for(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    """`train pet-denoise --pet-mm 2 --pet-mm 4`: case i is reconstructed on the i-th grid
+    (modulo), the same anatomy twice as finely on 2 mm as on 4 mm, and the description says
+    which grids; a voxel size of 0 is refused."""
+    from dicomnode.training import simulated_pet_pairs
+
+    monkeypatch.setenv("DICOMNODE_TEST_DATA", str(tmp_path))  # no LIDC CT: phantoms only
+    mixed, desc = simulated_pet_pairs(cases=2, drfs=(4,), z_window_mm=40.0, pet_mm=(2.0, 4.0))
+    coarse, desc4 = simulated_pet_pairs(cases=1, drfs=(4,), z_window_mm=40.0)
+    assert len(mixed) == 2 and len(coarse) == 1
+    fine = mixed[0][1]  # case 0 (phantom seed 1) on 2 mm
+    ratio = np.array(fine.shape) / np.array(coarse[0][1].shape)
+    assert np.all(np.abs(ratio - 2.0) < 0.15), (fine.shape, coarse[0][1].shape)
+    assert mixed[1][1].shape != fine.shape  # case 1 on 4 mm (another phantom)
+    assert "PET grids 2 / 4 mm" in desc and "grid" not in desc4
+    # the 2 mm case keeps the activity: mean SUV in the body within 10 % of the 4 mm case's
+    body_fine, body_coarse = fine[fine > 0.2], coarse[0][1][coarse[0][1] > 0.2]
+    assert abs(body_fine.mean() / body_coarse.mean() - 1) < 0.1
+    with pytest.raises(ValueError, match="pet_mm"):
+        simulated_pet_pairs(cases=1, drfs=(4,), pet_mm=(0.0,))
