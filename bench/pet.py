@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from dicomnode.simulate import PET_MM
 from dicomnode.training import BENCH_PHANTOM_SEEDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ DATA = Path(os.environ.get("DICOMNODE_TEST_DATA", ROOT.parent / "shared" / "data
 WORK = ROOT / "bench" / "work" / "pet"
 # held-out simulated cases for pet-denoise: (phantom seed, heights above the soles in mm, PET
 # voxel size in mm); the shipped model saw phantom seeds 1-7
-SIMULATED_DENOISE = ((1000, (900.0, 1300.0), 4.0), (1001, (1250.0, 1650.0), 4.0),
+SIMULATED_DENOISE = ((1000, (900.0, 1300.0), PET_MM), (1001, (1250.0, 1650.0), PET_MM),
                      (1002, (1000.0, 1250.0), 2.0))
 # lesions smaller than this many PET voxels (1 ml at 4 mm) are left out of the SUV biases: at
 # 1-2 PSF widths their mean is mostly partial volume and the relative bias mostly noise
@@ -90,6 +91,12 @@ def lesion_bias(pred: np.ndarray, ref: np.ndarray, lesions: np.ndarray,
     return {"b_mean": float(np.mean(np.abs(bm))), "b_max": float(np.mean(np.abs(bx))),
             "b_mean_signed": float(np.mean(bm)), "b_max_signed": float(np.mean(bx)),
             "lesions": len(bm)}
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """A results file (the shipped models' or a candidate's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
 
 
 def ct2pet_rows(gens: dict, seeds: tuple[int, ...]) -> list[dict]:
@@ -181,8 +188,7 @@ def main() -> None:
                      "ct2pet": ct2pet_rows(load_generators(entry, "cpu"), seeds),
                      "command": f"python -m bench.pet --ct2pet-model {args.ct2pet_model} "
                                 f"--ct2pet-seeds {' '.join(map(str, seeds))} --out {args.out}"}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(candidate, indent=2))
+        write_json(args.out, candidate)
         return
     models, problems = scan_models(ROOT / "models")
     assert not problems, problems
@@ -240,8 +246,8 @@ def main() -> None:
             evaluate(f"real phantom {name}", drf, low, np.clip(ref, 0, None),
                      ref_vol.spacing, None)
     for seed, window, pet_mm in () if args.only == "ct2pet" else SIMULATED_DENOISE:
-        grid = "" if pet_mm == 4.0 else f"-{pet_mm:g}mm"
-        cache = WORK / f"twin-seed{seed}-z{window[0]:.0f}-{window[1]:.0f}{grid}-{twin_code}.npz"
+        cache = WORK / (f"twin-seed{seed}-z{window[0]:.0f}-{window[1]:.0f}-{pet_mm:g}mm-"
+                        f"{twin_code}.npz")
         if cache.exists():
             with np.load(cache) as z:
                 twin = PetTwin(truth=z["truth"], full=z["full"], lesions=z["lesions"],
@@ -260,14 +266,13 @@ def main() -> None:
                      low4=twin.low[4], low10=twin.low[10], spacing=np.array(twin.spacing))
         for drf, low in twin.low.items():
             evaluate(f"simulated whole-body seed {seed} z {window[0]:.0f}-{window[1]:.0f} mm"
-                     + ("" if pet_mm == 4.0 else f", {pet_mm:g} mm grid"),
+                     + ("" if pet_mm == PET_MM else f", {pet_mm:g} mm grid"),
                      drf, low, twin.full, twin.spacing, twin.lesions, twin.truth)
     if args.denoise_model is not None:
         out["pet_denoise"] = rows
         out["command"] = (f"python -m bench.pet --denoise-model {args.denoise_model} "
                           f"--out {args.out}")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2))
+        write_json(args.out, out)
         return
     if args.only != "ct2pet":
         out["pet_denoise"] = rows
@@ -278,8 +283,7 @@ def main() -> None:
         out["ct2pet"] = ct_rows
     out["command"] = "python -m bench.pet" + (
         "" if seeds == CT2PET_SEEDS else f" --ct2pet-seeds {' '.join(map(str, seeds))}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2))
+    write_json(RESULTS, out)
 
 
 if __name__ == "__main__":

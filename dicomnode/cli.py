@@ -377,10 +377,9 @@ def train() -> None:
               help="An .npz file: the simulated pairs are saved there, or read from it when "
               "it exists (the simulation is the slow part).")
 @click.option("--pet-mm", "pet_mm", multiple=True, type=click.FloatRange(min=0.5),
-              default=(4.0,), show_default=True,
-              help="PET voxel size of the simulated cases in mm; repeated, case i uses the "
-                   "i-th modulo their number (README: train on the voxel sizes the model "
-                   "will see).")
+              help="PET voxel size of the simulated cases in mm (default: the twin's, 4); "
+                   "repeated, case i uses the i-th modulo their number (README: train on the "
+                   "voxel sizes the model will see).")
 def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], seconds: float,
                       pair_dirs: tuple[str, ...], seed: int, version: str,
                       processes: int, lesion_weight: float, init_dir: Path | None,
@@ -395,7 +394,8 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
         pairs, source = load_pairs(data_cache)
     else:
         pairs, source = simulated_pet_pairs(cases=cases, drfs=drfs, seed=seed,
-                                            processes=processes, pet_mm=pet_mm)
+                                            processes=processes,
+                                            pet_mm=pet_mm or None)
         if data_cache is not None:
             save_pairs(data_cache, pairs, source)
     click.echo(f"{len(pairs)} training pairs: {source}")

@@ -42,6 +42,7 @@ from dicomnode.write.pet import F18_HALF_LIFE_S
 
 __all__ = [
     "ORGAN_SUV",
+    "PET_MM",
     "POSTFILTER_MM",
     "PetTwin",
     "UPTAKE",
@@ -61,6 +62,7 @@ UPTAKE_S = 3600.0  # injection to scan
 # on held-out phantom seed 1000, in 7 of its 8 lesions the full-dose SUVmax was 37-47 % above
 # the noise-free activity's)
 POSTFILTER_MM = 4.0
+PET_MM = 4.0  # the twin's default PET voxel size (scanners write 2-4 mm)
 PATIENT_ML = 75_000.0  # SUV 1 everywhere in a 75 kg patient holds the whole dose
 UPTAKE = {"lung": 0.5, "adipose": 0.35, "soft_tissue": 1.0, "marrow": 1.6, "cortical": 0.6}
 # SUVbw ranges of normal FDG uptake, one value drawn per case (adult, 60 min after injection)
@@ -202,7 +204,7 @@ def thin_counts(counts: np.ndarray, drf: float, rng: np.random.Generator) -> np.
 
 
 def pet_truth(hu: np.ndarray, spacing: tuple[float, float, float], *,
-              rng: np.random.Generator, pet_mm: float = 4.0, fwhm_mm: float = 5.5,
+              rng: np.random.Generator, pet_mm: float = PET_MM, fwhm_mm: float = 5.5,
               lesions: int = 4, masks: dict[str, np.ndarray] | None = None,
               organs: dict[str, np.ndarray] | None = None,
               radius_mm: tuple[float, float] = (5.0, 12.0),
@@ -244,7 +246,7 @@ def _osem_slice(args: tuple[np.ndarray, np.ndarray, tuple[int, int], int, int]) 
 
 def simulate_pet(
     hu: np.ndarray, spacing: tuple[float, float, float], *, drfs: tuple[int, ...] = (4, 10),
-    seed: int = 0, pet_mm: float = 4.0, fwhm_mm: float = 5.5, dose_mbq: float = 300.0,
+    seed: int = 0, pet_mm: float = PET_MM, fwhm_mm: float = 5.5, dose_mbq: float = 300.0,
     frame_s: float = 120.0, sensitivity_cps_per_mbq: float = 2000.0, angles: int = 96,
     iterations: int = 3, subsets: int = 8, lesions: int = 4,
     radius_mm: tuple[float, float] = (5.0, 12.0), contrast: tuple[float, float] = (3.0, 8.0),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicomnode.simulate import pet_truth, simulate_pet
+from dicomnode.simulate import PET_MM, pet_truth, simulate_pet
 
 __all__ = [
     "BENCH_PHANTOM_SEEDS",
@@ -75,7 +75,7 @@ def _training_cts(cases: int, *, seed: int, lidc_step: int,
 
 def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
                         z_window_mm: float = 320.0, processes: int = 1,
-                        pet_mm: tuple[float, ...] = (4.0,)
+                        pet_mm: tuple[float, ...] | None = None
                         ) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], str]:
     """(low-dose SUV, full-dose SUV, lesion labels) from the twin, and a description.
 
@@ -83,10 +83,12 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
     FWHM), post-filter (3-6 mm FWHM), lesion count (3-8), size (4-15 mm radius) and contrast
     (2-10 x), standing in for different centres and patients; anatomy from whole-body phantoms with organ uptake (a
     random ``z_window_mm`` of each) and, when the shared data is present, lidc-idri-0001.
-    Case i is reconstructed on a PET grid of ``pet_mm[i % len(pet_mm)]`` mm: scanners write
+    Case i is reconstructed on a PET grid of ``pet_mm[i % len(pet_mm)]`` mm (default: the
+    twin's ``PET_MM``): scanners write
     2-4 mm voxels, and a network trained on one voxel size does not carry over to another
     (docs/pet-experiments.md: the 4 mm-only model loses to a Gaussian filter on a 2 mm grid).
     """
+    pet_mm = (PET_MM,) if pet_mm is None else pet_mm
     if not pet_mm or min(pet_mm) <= 0:
         raise ValueError(f"pet_mm must hold positive voxel sizes, not {pet_mm}")
     rng = np.random.default_rng(seed)
@@ -106,7 +108,7 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
     desc = (f"SIMULATED data only: {cases} cases of dicomnode's PET/CT twin "
             f"({', '.join(sorted(set(sources)))}), DRF {', '.join(map(str, drfs))}, OSEM "
             f"post-filtered 3-6 mm, seed {seed}"
-            + ("" if tuple(pet_mm) == (4.0,) else
+            + ("" if tuple(pet_mm) == (PET_MM,) else
                f", PET grids {' / '.join(f'{m:g}' for m in pet_mm)} mm"))
     return pairs, desc
 
