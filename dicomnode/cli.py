@@ -380,13 +380,54 @@ def train() -> None:
               help="PET voxel size of the simulated cases in mm (default: the twin's, 4); "
                    "repeated, case i uses the i-th modulo their number (README: train on the "
                    "voxel sizes the model will see).")
+@click.option("--validation-cases", default=0, show_default=True, type=click.IntRange(0),
+              help="Simulated whole-body phantoms (seeds --validation-seed, +1, ...; on the "
+                   "--pet-mm grids in turn) to score checkpoints on: the checkpoint kept is the "
+                   "best by PSNR among those with no higher lesion SUVmax bias than the start "
+                   "(0: keep the last iterate).")
+@click.option("--validation-seed", default=500, show_default=True,
+              help="First validation phantom seed (not a training phantom's; the "
+                   "benchmark's are 1000+).")
+@click.option("--validation-pairs", "validation_dirs", multiple=True, type=str,
+              help="With --pairs: LOW_DIR:FULL_DIR pairs to score checkpoints on instead, none "
+                   "of them among --pairs.")
+@click.option("--validate-every", default=180.0, show_default=True,
+              type=click.FloatRange(min=1.0), help="Seconds of training between checkpoints.")
 def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], seconds: float,
                       pair_dirs: tuple[str, ...], seed: int, version: str,
                       processes: int, lesion_weight: float, init_dir: Path | None,
-                      data_cache: Path | None, pet_mm: tuple[float, ...]) -> None:
+                      data_cache: Path | None, pet_mm: tuple[float, ...],
+                      validation_cases: int, validation_seed: int,
+                      validation_dirs: tuple[str, ...], validate_every: float) -> None:
     """Train DRMC and write a model directory with its manifest (sha256, trained_on)."""
     from dicomnode.pipelines.pet_denoise import train as train_drmc
-    from dicomnode.training import load_pairs, save_pairs, simulated_pet_pairs, site_pet_pairs
+    from dicomnode.pipelines.pet_denoise import validation_windows
+    from dicomnode.training import (
+        BENCH_PHANTOM_SEEDS,
+        load_pairs,
+        phantom_seeds,
+        save_pairs,
+        simulated_pet_pairs,
+        site_pet_pairs,
+    )
+
+    # refused before anything is read or simulated
+    if validation_dirs and not pair_dirs:
+        raise click.BadParameter("validation pairs go with --pairs (simulated training data "
+                                 "validates on --validation-cases)",
+                                 param_hint="--validation-pairs")
+    if set(validation_dirs) & set(pair_dirs):
+        raise click.BadParameter(f"{sorted(set(validation_dirs) & set(pair_dirs))} also in "
+                                 "--pairs", param_hint="--validation-pairs")
+    if pair_dirs and validation_cases:
+        raise click.BadParameter("with --pairs, validate on --validation-pairs",
+                                 param_hint="--validation-cases")
+    validation_seeds = set(range(validation_seed, validation_seed + validation_cases))
+    taken = (set(phantom_seeds(cases=cases, seed=seed)) | set(BENCH_PHANTOM_SEEDS)) \
+        & validation_seeds
+    if taken:
+        raise click.BadParameter(f"phantom seeds {sorted(taken)} are training or benchmark "
+                                 "phantoms", param_hint="--validation-seed")
 
     if pair_dirs:
         pairs, source = site_pet_pairs(list(pair_dirs))
@@ -399,12 +440,38 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
         if data_cache is not None:
             save_pairs(data_cache, pairs, source)
     click.echo(f"{len(pairs)} training pairs: {source}")
+    validation = None
+    if validation_dirs:
+        held, held_source = site_pet_pairs(list(validation_dirs))
+    elif validation_cases:
+        cached = (None if data_cache is None
+                  else data_cache.with_name(f"{data_cache.stem}-validation.npz"))
+        if cached is not None and cached.exists():
+            held, held_source = load_pairs(cached)
+        else:
+            held, held_source = simulated_pet_pairs(
+                cases=validation_cases, drfs=drfs, seed=validation_seed,
+                processes=processes, pet_mm=pet_mm or None, lidc=False)
+            if cached is not None:
+                save_pairs(cached, held, held_source)
+    if validation_dirs or validation_cases:
+        validation = validation_windows(held, seed=seed)
+        click.echo(f"{len(held)} validation pairs ({len(validation)} windows): {held_source}")
+        held_what = ("site pairs" if validation_dirs else "twin phantom seeds "
+                     f"{validation_seed}-{validation_seed + validation_cases - 1}")
+        source += (f"; checkpoint chosen by PSNR and lesion SUVmax bias on {len(held)} "
+                   f"validation pairs ({held_what})")
     stats = train_drmc(output=output_dir, pairs=pairs, seconds=seconds, trained_on=source,
                        seed=seed, version=version, lesion_weight=lesion_weight,
-                       init=init_dir)
+                       init=init_dir, validation=validation, validate_every=validate_every)
     click.echo(f"trained {stats['iterations']} iterations in {stats['seconds']:.0f} s; "
-               f"Charbonnier {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}; "
-               f"wrote {output_dir}")
+               f"Charbonnier {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}")
+    for point in stats.get("checkpoints", []):
+        click.echo(f"checkpoint at iteration {point['iteration']}: validation PSNR "
+                   f"{point['psnr']:.2f} dB, lesion B_max {point['b_max']:.3f}")
+    if stats.get("kept") is not None:
+        click.echo(f"kept the checkpoint at iteration {stats['kept']['iteration']}")
+    click.echo(f"wrote {output_dir}")
 
 
 @train.command("ct2pet")

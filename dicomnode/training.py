@@ -75,7 +75,7 @@ def _training_cts(cases: int, *, seed: int, lidc_step: int,
 
 def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
                         z_window_mm: float = 320.0, processes: int = 1,
-                        pet_mm: tuple[float, ...] | None = None
+                        pet_mm: tuple[float, ...] | None = None, lidc: bool = True
                         ) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], str]:
     """(low-dose SUV, full-dose SUV, lesion labels) from the twin, and a description.
 
@@ -87,6 +87,7 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
     twin's ``PET_MM``): scanners write
     2-4 mm voxels, and a network trained on one voxel size does not carry over to another
     (docs/pet-experiments.md: the 4 mm-only model loses to a Gaussian filter on a 2 mm grid).
+    ``lidc=False``: phantoms only (validation cases).
     """
     pet_mm = (PET_MM,) if pet_mm is None else pet_mm
     if not pet_mm or min(pet_mm) <= 0:
@@ -95,7 +96,7 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
     sources = []
     for i, ct in enumerate(_training_cts(cases, seed=seed, lidc_step=2,
-                                         z_window_mm=z_window_mm)):
+                                         z_window_mm=z_window_mm, lidc=lidc)):
         twin = simulate_pet(ct.hu, ct.spacing, drfs=drfs, seed=seed + i, angles=64,
                             pet_mm=pet_mm[i % len(pet_mm)], dose_mbq=float(rng.uniform(150, 400)),
                             sensitivity_cps_per_mbq=float(rng.uniform(1000, 4000)),

@@ -91,3 +91,98 @@ def test_lesion_patches_hold_a_lesion_and_training_writes_a_model(tmp_path) -> N
     manifest = yaml.safe_load((tmp_path / "m" / "manifest.yaml").read_text())
     assert manifest["version"] == "0.0.1" and manifest["trained_on"] == "a unit test"
     assert json.loads((tmp_path / "m" / "training.json").read_text())["pairs"] == 1
+
+
+def _validation_pair(seed: int = 0):
+    """A 48^3 SUV pair: smooth background, two small hot lesions, one lesion too large to fit
+    a scored window; the low dose is the full dose plus noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    full = rng.uniform(0.8, 1.2, (48, 48, 48)).astype(np.float32)
+    lesions = np.zeros(full.shape, np.uint16)
+    lesions[20:23, 20:23, 20:23] = 1
+    lesions[10:13, 30:33, 12:15] = 2
+    lesions[2:46, 2:46, 40:46] = 3  # 44 voxels across: no 24^3 window holds it whole
+    for label, suv in ((1, 6.0), (2, 4.0)):
+        full[lesions == label] = suv
+    low = (full + rng.normal(0, 0.3, full.shape)).astype(np.float32)
+    return low, full, lesions
+
+
+def test_validation_windows_and_scores_as_bench_defines_them() -> None:
+    """Windows: the uniform ones per pair plus one per whole lesion that fits; the scores of
+    an identity network are the low-dose input's PSNR and SUVmax biases, computed here by
+    hand."""
+    import numpy as np
+
+    from dicomnode.pipelines.pet_denoise import validation_scores, validation_windows
+
+    low, full, lesions = _validation_pair()
+    windows = validation_windows([(low, full, lesions)], random_per_pair=5, size=24, margin=8)
+    assert [w.lesion is None for w in windows] == [True] * 5 + [False] * 2
+    scores = validation_scores(torch.nn.Identity(), windows)
+    m = 8
+    err = sum(float(((np.clip(w.low[m:-m, m:-m, m:-m], 0, None) - w.full) ** 2).sum())
+              for w in windows[:5])
+    expected = 10 * np.log10(float(full.max()) ** 2 / (err / (5 * 24 ** 3)))
+    assert abs(scores["psnr"] - expected) < 1e-6
+    bias = [(low[lesions == k].max() - full[lesions == k].max()) / full[lesions == k].max()
+            for k in (1, 2)]
+    assert scores["lesions"] == 2 and scores["b_max"] > 0
+    assert abs(scores["b_max"] - np.mean(np.abs(bias))) < 1e-6
+    assert abs(scores["b_max_signed"] - np.mean(bias)) < 1e-6
+
+
+def test_training_writes_the_checkpoint_chosen_on_validation(tmp_path) -> None:
+    """With validation pairs, training scores the start, every few seconds and the end, and
+    writes the checkpoint with the best PSNR among those with no higher lesion B_max than the
+    start: the written weights score exactly as the kept checkpoint."""
+    import json
+
+    from dicomnode.models import load_entry, load_network
+    from dicomnode.pipelines.pet_denoise import train, validation_scores, validation_windows
+
+    small = {"channels": 8, "experts": 2, "blocks": 1, "heads": 2, "hidden": 4}
+    pairs = [_validation_pair(0)]
+    windows = validation_windows([_validation_pair(1)], random_per_pair=3)
+    train(output=tmp_path / "start", pairs=pairs, seconds=2, patch=16, batch=2, params=small,
+          trained_on="a unit test")
+    stats = train(output=tmp_path / "m", pairs=pairs, seconds=6, patch=16, batch=2,
+                  params=small, trained_on="a unit test", init=tmp_path / "start",
+                  validation=windows, validate_every=1.0)
+    points = stats["checkpoints"]
+    assert points[0]["iteration"] == 0 and points[-1]["iteration"] == stats["iterations"]
+    assert len(points) >= 3
+    eligible = [p for p in points if p["b_max"] <= points[0]["b_max"]]
+    assert stats["kept"] == max(eligible, key=lambda p: p["psnr"])
+    written = load_network(load_entry(tmp_path / "m"), device="cpu")
+    again = validation_scores(written.network, windows)
+    assert abs(again["psnr"] - stats["kept"]["psnr"]) < 1e-4
+    assert abs(again["b_max"] - stats["kept"]["b_max"]) < 1e-4
+    assert json.loads((tmp_path / "m" / "training.json").read_text())["kept"] == stats["kept"]
+
+
+def test_train_pet_denoise_cli_refuses_bad_validation_before_simulating(tmp_path) -> None:
+    """Validation phantoms that are training or benchmark phantoms, validation pairs without
+    site training pairs, or both kinds at once are refused naming the option, before any
+    data is simulated or written."""
+    import subprocess
+    import sys
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dicomnode.cli", "train", "pet-denoise",
+                               "--output", str(tmp_path / "m"), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    r = train("--cases", "6", "--validation-cases", "2", "--validation-seed", "4")
+    assert r.returncode == 2 and "--validation-seed" in r.stderr and "[4, 5]" in r.stderr
+    r = train("--validation-cases", "1", "--validation-seed", "1002")
+    assert r.returncode == 2 and "[1002]" in r.stderr
+    r = train("--validation-pairs", "a:b")
+    assert r.returncode == 2 and "--validation-pairs" in r.stderr
+    r = train("--pairs", "a:b", "--validation-pairs", "a:b")
+    assert r.returncode == 2 and "also in --pairs" in r.stderr
+    r = train("--pairs", "a:b", "--validation-cases", "2")
+    assert r.returncode == 2 and "--validation-cases" in r.stderr
+    assert not (tmp_path / "m").exists()

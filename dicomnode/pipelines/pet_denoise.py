@@ -13,8 +13,10 @@ site's pairs of DICOM folders) and writes a model directory with its manifest.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ from dicomnode.pipelines.base import (
 from dicomnode.volume import SeriesVolume, load_series
 from dicomnode.write.pet import build_derived_pet
 
-__all__ = ["DEFAULT_MODEL", "denoise", "draw_patch", "run", "to_suv", "train"]
+__all__ = ["DEFAULT_MODEL", "ValidationWindow", "denoise", "draw_patch", "run", "to_suv", "train",
+           "validation_scores", "validation_windows"]
 
 DEFAULT_MODEL = "pet-denoise-drmc"
 SCALE = 10.0  # the network sees SUV / 10
@@ -104,11 +107,105 @@ def draw_patch(rng: np.random.Generator, shape: tuple[int, ...], patch: int,
     return tuple(slice(a, a + patch) for a in c)
 
 
+@dataclass(frozen=True)
+class ValidationWindow:
+    """A window of a validation pair: the network sees ``low`` (SUV, ``margin`` voxels more on
+    every side than it is scored on) and is scored on its centre against ``full``; ``lesion``
+    (a mask of the centre) for a window centred on one whole lesion, else None."""
+
+    pair: int
+    low: np.ndarray
+    full: np.ndarray
+    data_range: float
+    margin: int
+    lesion: np.ndarray | None = None
+
+
+def validation_windows(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], *,
+                       random_per_pair: int = 16, size: int = 24, margin: int = 8,
+                       seed: int = 0, min_lesion_voxels: int = 16) -> list[ValidationWindow]:
+    """Fixed windows to score training checkpoints on (``validation_scores``).
+
+    Per pair: ``random_per_pair`` windows drawn uniformly (the PSNR, pooled over them, stands
+    in for bench/pet's whole-volume PSNR at a few seconds a checkpoint instead of minutes),
+    plus one window centred on every lesion of at least ``min_lesion_voxels`` voxels that fits
+    whole in ``size``^3 (SUVmax bias, as bench/pet). A scored window is ``size``^3 voxels;
+    the network sees ``margin`` more on every side, as in the sliding-window inference.
+    """
+    rng = np.random.default_rng(seed)
+    out: list[ValidationWindow] = []
+    seen = size + 2 * margin
+    for k, (lo, fu, les) in enumerate(pairs):
+        if min(lo.shape) < seen:
+            continue
+        top = float(fu.max())
+
+        def window(start: list[int], lesion: np.ndarray | None = None,
+                   lo: np.ndarray = lo, fu: np.ndarray = fu, top: float = top,
+                   k: int = k) -> ValidationWindow:
+            outer = tuple(slice(a, a + seen) for a in start)
+            inner = tuple(slice(a + margin, a + margin + size) for a in start)
+            return ValidationWindow(k, lo[outer].copy(), fu[inner].copy(), top, margin, lesion)
+
+        for _ in range(random_per_pair):
+            out.append(window([int(rng.integers(0, s - seen + 1)) for s in lo.shape]))
+        if les is None:
+            continue
+        for label in range(1, int(les.max()) + 1):
+            where = np.argwhere(les == label)
+            if len(where) < min_lesion_voxels:
+                continue
+            centre = np.round(where.mean(axis=0)).astype(int)
+            start = [int(np.clip(c - seen // 2, 0, s - seen)) for c, s in zip(centre, lo.shape,
+                                                                                strict=True)]
+            inner = tuple(slice(a + margin, a + margin + size) for a in start)
+            mask = les[inner] == label
+            if int(mask.sum()) == len(where):  # the whole lesion is scored
+                out.append(window(start, mask))
+    if not out:
+        raise ValueError(f"no validation pair is at least {seen} voxels in every direction")
+    return out
+
+
+def validation_scores(net: Any, windows: list[ValidationWindow]) -> dict[str, float]:
+    """``net`` (SUV / 10 in and out) on ``windows``: PSNR per pair over its uniform windows
+    (data range: the pair's full-dose maximum), averaged over pairs; lesion B_max (mean
+    |SUVmax_pred - SUVmax_ref| / SUVmax_ref) and its signed mean over the lesion windows."""
+    import torch
+
+    sq: dict[int, list[float]] = {}
+    top: dict[int, float] = {}
+    bias: list[float] = []
+    was_training = net.training
+    net.eval()
+    with torch.inference_mode():
+        for w in windows:
+            x = torch.from_numpy(np.ascontiguousarray(w.low / SCALE, dtype=np.float32))
+            pred = net(x[None, None])[0, 0].numpy() * SCALE
+            m = w.margin
+            pred = np.clip(pred[m:-m, m:-m, m:-m] if m else pred, 0, None)
+            if w.lesion is None:
+                acc = sq.setdefault(w.pair, [0.0, 0.0])
+                acc[0] += float(((pred - w.full) ** 2).sum())
+                acc[1] += pred.size
+                top[w.pair] = w.data_range
+            else:
+                ref = float(w.full[w.lesion].max())
+                bias.append((float(pred[w.lesion].max()) - ref) / ref)
+    net.train(was_training)
+    psnrs = [10 * np.log10(top[k] ** 2 / (e / n)) for k, (e, n) in sq.items()]
+    return {"psnr": float(np.mean(psnrs)) if psnrs else float("nan"),
+            "b_max": float(np.mean(np.abs(bias))) if bias else float("nan"),
+            "b_max_signed": float(np.mean(bias)) if bias else float("nan"),
+            "lesions": len(bias)}
+
+
 def train(
     *, output: Path, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
     seconds: float, patch: int = 16, batch: int = 8, params: dict[str, Any] | None = None,
     trained_on: str, version: str = "1.0.0", seed: int = 0, lr: float = 1e-4,
     lesion_fraction: float = 0.5, lesion_weight: float = 1.0, init: Path | None = None,
+    validation: list[ValidationWindow] | None = None, validate_every: float = 180.0,
 ) -> dict[str, Any]:
     """Train DRMC on (low, full, lesion labels or None) SUV pairs and write ``output``
     (manifest + weights).
@@ -119,6 +216,13 @@ def train(
     learns to smooth them away (the first shipped model did: lesion SUVmean bias 0.36).
     ``lesion_weight`` > 1 weighs lesion voxels that much more in the Charbonnier loss.
     ``init``: a model directory of the same configuration to continue from (fine-tuning).
+
+    ``validation`` (``validation_windows`` of pairs not trained on): the weights are scored
+    (``validation_scores``) at the start, every ``validate_every`` seconds and at the end, and
+    the checkpoint written is the one with the highest validation PSNR among those whose
+    lesion B_max is no higher than the starting weights' (with ``init``; from scratch, among
+    all but the untrained start). Without it, the last iterate is written. Validation time
+    counts in ``seconds``.
     """
     import hashlib
 
@@ -140,7 +244,31 @@ def train(
         raise ValueError(f"no training pair is at least {patch} voxels in every direction")
     with_lesions = [u for u in usable if u[3] is not None]
     t0, losses, it = time.perf_counter(), [], 0
+    checkpoints: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    validation_s = 0.0
+
+    def check() -> None:
+        nonlocal best, validation_s
+        tv = time.perf_counter()
+        scores = validation_scores(net, validation or [])
+        validation_s += time.perf_counter() - tv
+        point = {"iteration": it, "seconds": round(time.perf_counter() - t0, 1), **scores}
+        checkpoints.append(point)
+        start = checkpoints[0]
+        if it == 0 and init is None:
+            return  # random weights are not a candidate
+        if init is not None and not scores["b_max"] <= start["b_max"] \
+                and not np.isnan(start["b_max"]):
+            return
+        if best is None or scores["psnr"] > best["point"]["psnr"]:
+            best = {"point": point, "state": copy.deepcopy(net.state_dict())}
+
+    next_check = 0.0
     while time.perf_counter() - t0 < seconds:
+        if validation and time.perf_counter() - t0 >= next_check:
+            check()
+            next_check = time.perf_counter() - t0 + validate_every
         xs, ys, ws = [], [], []
         for _ in range(batch):
             on_lesion = bool(with_lesions) and rng.random() < lesion_fraction
@@ -160,6 +288,10 @@ def train(
         opt.step()
         losses.append(loss.item())
         it += 1
+    if validation:
+        check()
+        if best is not None:
+            net.load_state_dict(best["state"])
     output.mkdir(parents=True, exist_ok=True)
     weights = output / "model.pt"
     torch.save(net.state_dict(), weights)
@@ -174,10 +306,15 @@ def train(
         "licence": "Apache-2.0 (weights trained by dicomnode's own command)",
     }
     (output / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    stats = {"iterations": it, "seconds": time.perf_counter() - t0, "patch": patch,
-             "batch": batch, "lesion_fraction": lesion_fraction if with_lesions else 0.0,
-             "lesion_weight": lesion_weight, "initialised_from": str(init) if init else None,
-             "pairs": len(usable),
-             "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:]))}
+    stats: dict[str, Any] = {
+        "iterations": it, "seconds": time.perf_counter() - t0, "patch": patch, "batch": batch,
+        "lesion_fraction": lesion_fraction if with_lesions else 0.0,
+        "lesion_weight": lesion_weight, "initialised_from": str(init) if init else None,
+        "pairs": len(usable),
+        "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:]))}
+    if validation:
+        stats.update({"validation_windows": len(validation), "validation_seconds": validation_s,
+                      "checkpoints": checkpoints,
+                      "kept": best["point"] if best is not None else None})
     (output / "training.json").write_text(json.dumps(stats, indent=2))
     return stats
