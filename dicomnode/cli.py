@@ -461,14 +461,18 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
                      f"{validation_seed}-{validation_seed + validation_cases - 1}")
         source += (f"; checkpoint chosen by PSNR and lesion SUVmax bias on {len(held)} "
                    f"validation pairs ({held_what})")
+
+    def checkpoint(point: dict[str, Any]) -> None:
+        click.echo(f"checkpoint at {point['seconds']:.0f} s, iteration {point['iteration']}: "
+                   f"validation PSNR {point['psnr']:.2f} dB, lesion B_max {point['b_max']:.3f} "
+                   f"(signed {point['b_max_signed']:+.3f})")
+
     stats = train_drmc(output=output_dir, pairs=pairs, seconds=seconds, trained_on=source,
                        seed=seed, version=version, lesion_weight=lesion_weight,
-                       init=init_dir, validation=validation, validate_every=validate_every)
+                       init=init_dir, validation=validation, validate_every=validate_every,
+                       on_checkpoint=checkpoint)
     click.echo(f"trained {stats['iterations']} iterations in {stats['seconds']:.0f} s; "
                f"Charbonnier {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}")
-    for point in stats.get("checkpoints", []):
-        click.echo(f"checkpoint at iteration {point['iteration']}: validation PSNR "
-                   f"{point['psnr']:.2f} dB, lesion B_max {point['b_max']:.3f}")
     if stats.get("kept") is not None:
         click.echo(f"kept the checkpoint at iteration {stats['kept']['iteration']}")
     click.echo(f"wrote {output_dir}")

@@ -148,10 +148,12 @@ def test_training_writes_the_checkpoint_chosen_on_validation(tmp_path) -> None:
     windows = validation_windows([_validation_pair(1)], random_per_pair=3)
     train(output=tmp_path / "start", pairs=pairs, seconds=2, patch=16, batch=2, params=small,
           trained_on="a unit test")
+    seen: list[dict] = []
     stats = train(output=tmp_path / "m", pairs=pairs, seconds=6, patch=16, batch=2,
                   params=small, trained_on="a unit test", init=tmp_path / "start",
-                  validation=windows, validate_every=1.0)
+                  validation=windows, validate_every=1.0, on_checkpoint=seen.append)
     points = stats["checkpoints"]
+    assert seen == points  # reported as they are scored
     assert points[0]["iteration"] == 0 and points[-1]["iteration"] == stats["iterations"]
     assert len(points) >= 3
     eligible = [p for p in points if p["b_max"] <= points[0]["b_max"]]

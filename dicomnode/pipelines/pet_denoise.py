@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,7 @@ def train(
     trained_on: str, version: str = "1.0.0", seed: int = 0, lr: float = 1e-4,
     lesion_fraction: float = 0.5, lesion_weight: float = 1.0, init: Path | None = None,
     validation: list[ValidationWindow] | None = None, validate_every: float = 180.0,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train DRMC on (low, full, lesion labels or None) SUV pairs and write ``output``
     (manifest + weights).
@@ -222,7 +224,7 @@ def train(
     the checkpoint written is the one with the highest validation PSNR among those whose
     lesion B_max is no higher than the starting weights' (with ``init``; from scratch, among
     all but the untrained start). Without it, the last iterate is written. Validation time
-    counts in ``seconds``.
+    counts in ``seconds``. ``on_checkpoint`` is called with each checkpoint's scores.
     """
     import hashlib
 
@@ -255,6 +257,8 @@ def train(
         validation_s += time.perf_counter() - tv
         point = {"iteration": it, "seconds": round(time.perf_counter() - t0, 1), **scores}
         checkpoints.append(point)
+        if on_checkpoint is not None:
+            on_checkpoint(point)
         start = checkpoints[0]
         if it == 0 and init is None:
             return  # random weights are not a candidate
