@@ -350,6 +350,13 @@ def models_check(config_path: Path | None) -> None:
     click.echo(f"{len(found)} models ok")
 
 
+# both training commands: validation phantoms are seeds N, N + 1, ... (checked against the
+# training and benchmark phantoms, training.validation_seeds_taken)
+validation_seed_option = click.option(
+    "--validation-seed", default=500, show_default=True,
+    help="First validation phantom seed (not a training phantom's; the benchmark's are 1000+).")
+
+
 @main.group()
 def train() -> None:
     """Train the models that need paired data (on simulated data or a site's own pairs)."""
@@ -385,9 +392,7 @@ def train() -> None:
                    "--pet-mm grids in turn) to score checkpoints on: the checkpoint kept is the "
                    "best by PSNR among those with no higher lesion SUVmax bias than the start "
                    "(0: keep the last iterate).")
-@click.option("--validation-seed", default=500, show_default=True,
-              help="First validation phantom seed (not a training phantom's; the "
-                   "benchmark's are 1000+).")
+@validation_seed_option
 @click.option("--validation-pairs", "validation_dirs", multiple=True, type=str,
               help="With --pairs: LOW_DIR:FULL_DIR pairs to score checkpoints on instead, none "
                    "of them among --pairs.")
@@ -403,12 +408,11 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
     from dicomnode.pipelines.pet_denoise import train as train_drmc
     from dicomnode.pipelines.pet_denoise import validation_windows
     from dicomnode.training import (
-        BENCH_PHANTOM_SEEDS,
         load_pairs,
-        phantom_seeds,
         save_pairs,
         simulated_pet_pairs,
         site_pet_pairs,
+        validation_seeds_taken,
     )
 
     # refused before anything is read or simulated
@@ -422,12 +426,11 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
     if pair_dirs and validation_cases:
         raise click.BadParameter("with --pairs, validate on --validation-pairs",
                                  param_hint="--validation-cases")
-    validation_seeds = set(range(validation_seed, validation_seed + validation_cases))
-    taken = (set(phantom_seeds(cases=cases, seed=seed)) | set(BENCH_PHANTOM_SEEDS)) \
-        & validation_seeds
+    taken = validation_seeds_taken(cases=cases, seed=seed, validation_seed=validation_seed,
+                                   validation_cases=validation_cases)
     if taken:
-        raise click.BadParameter(f"phantom seeds {sorted(taken)} are training or benchmark "
-                                 "phantoms", param_hint="--validation-seed")
+        raise click.BadParameter(f"phantom seeds {taken} are training or benchmark phantoms",
+                                 param_hint="--validation-seed")
 
     if pair_dirs:
         pairs, source = site_pet_pairs(list(pair_dirs))
@@ -474,7 +477,9 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
     click.echo(f"trained {stats['iterations']} iterations in {stats['seconds']:.0f} s; "
                f"Charbonnier {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}")
     if stats.get("kept") is not None:
-        click.echo(f"kept the checkpoint at iteration {stats['kept']['iteration']}")
+        click.echo(f"kept the checkpoint at iteration {stats['kept']['iteration']}"
+                   + (f": no checkpoint beat {init_dir} on validation, so its weights were "
+                      "written unchanged" if stats["kept"]["iteration"] == 0 else ""))
     click.echo(f"wrote {output_dir}")
 
 
@@ -512,9 +517,7 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
 @click.option("--validation-cases", default=2, show_default=True, type=click.IntRange(1),
               help="With --seeds-per-model > 1 and simulated data: whole-body phantoms to "
                    "choose on, seeds --validation-seed, --validation-seed + 1, ...")
-@click.option("--validation-seed", default=500, show_default=True,
-              help="First validation phantom seed (must not be a training phantom's; the "
-                   "benchmark's are 1000+).")
+@validation_seed_option
 @click.option("--validation-pairs", "validation_dirs", multiple=True, type=str,
               help="With --pairs and --seeds-per-model > 1: CT_DIR:PET_DIR studies to choose "
                    "on, none of them among --pairs.")
@@ -527,10 +530,9 @@ def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
     """Train the whole-body and district Pix2Pix models; write a model directory."""
     from dicomnode.pipelines.ct2pet import check_districts, train_ct2pet
     from dicomnode.training import (
-        BENCH_PHANTOM_SEEDS,
-        phantom_seeds,
         simulated_ct2pet_cases,
         site_ct2pet_cases,
+        validation_seeds_taken,
     )
 
     try:  # before the data is read or simulated
@@ -547,13 +549,12 @@ def train_ct2pet_cmd(output_dir: Path, cases: int, seconds: float, seed: int,
         if set(validation_dirs) & set(pair_dirs):
             raise click.BadParameter(f"{sorted(set(validation_dirs) & set(pair_dirs))} "
                                      "also in --pairs", param_hint="--validation-pairs")
-    validation_seeds = list(range(validation_seed, validation_seed + validation_cases))
     if not pair_dirs and seeds_per_model > 1:
-        taken = set(phantom_seeds(cases=cases, seed=seed)) | set(BENCH_PHANTOM_SEEDS)
-        if taken & set(validation_seeds):
-            raise click.BadParameter(
-                f"phantom seeds {sorted(taken & set(validation_seeds))} are training or "
-                "benchmark phantoms", param_hint="--validation-seed")
+        taken = validation_seeds_taken(cases=cases, seed=seed, validation_seed=validation_seed,
+                                       validation_cases=validation_cases)
+        if taken:
+            raise click.BadParameter(f"phantom seeds {taken} are training or benchmark "
+                                     "phantoms", param_hint="--validation-seed")
     if pair_dirs:
         data, source = site_ct2pet_cases(list(pair_dirs))
     else:

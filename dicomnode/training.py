@@ -166,6 +166,14 @@ def simulated_ct2pet_cases(*, cases: int, seed: int = 0, lidc: bool = True
 BENCH_PHANTOM_SEEDS = (1000, 1001, 1002, 1003, 1004)
 
 
+def validation_seeds_taken(*, cases: int, seed: int, validation_seed: int,
+                           validation_cases: int) -> list[int]:
+    """The validation phantom seeds asked for that are training phantoms (``cases``,
+    ``seed``) or benchmark phantoms: training commands refuse them."""
+    asked = set(range(validation_seed, validation_seed + validation_cases))
+    return sorted(asked & (set(phantom_seeds(cases=cases, seed=seed)) | set(BENCH_PHANTOM_SEEDS)))
+
+
 def phantom_seeds(*, cases: int, seed: int, lidc: bool = True) -> list[int]:
     """The whole-body phantom seeds of the twin's training CTs (``simulated_ct2pet_cases``,
     ``simulated_pet_pairs``) for these arguments: case i is phantom ``seed + i``, case 0

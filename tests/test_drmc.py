@@ -188,3 +188,31 @@ def test_train_pet_denoise_cli_refuses_bad_validation_before_simulating(tmp_path
     r = train("--pairs", "a:b", "--validation-cases", "2")
     assert r.returncode == 2 and "--validation-cases" in r.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_training_that_beats_nothing_hands_back_the_start_and_says_so(tmp_path) -> None:
+    """With the optimiser unable to move the weights (lr 0) no checkpoint beats the start:
+    the start's weights are written bit for bit, and the manifest's trained_on is the start's,
+    saying the further training did not change them."""
+    import hashlib
+
+    import yaml
+
+    from dicomnode.pipelines.pet_denoise import train, validation_windows
+
+    small = {"channels": 8, "experts": 2, "blocks": 1, "heads": 2, "hidden": 4}
+    pairs = [_validation_pair(0)]
+    train(output=tmp_path / "start", pairs=pairs, seconds=2, patch=16, batch=2, params=small,
+          trained_on="the first data", version="0.1.0")
+    stats = train(output=tmp_path / "m", pairs=pairs, seconds=3, patch=16, batch=2,
+                  params=small, trained_on="the second data", init=tmp_path / "start",
+                  lr=0.0, validation=validation_windows([_validation_pair(1)],
+                                                        random_per_pair=3),
+                  validate_every=1.0)
+    assert stats["kept"]["iteration"] == 0 and stats["iterations"] > 0
+    digest = [hashlib.sha256((tmp_path / d / "model.pt").read_bytes()).hexdigest()
+              for d in ("start", "m")]
+    assert digest[0] == digest[1]
+    trained_on = yaml.safe_load((tmp_path / "m" / "manifest.yaml").read_text())["trained_on"]
+    assert trained_on.startswith("the first data (weights of start 0.1.0, unchanged")
+    assert "the second data did not beat them" in trained_on

@@ -223,7 +223,8 @@ def train(
     (``validation_scores``) at the start, every ``validate_every`` seconds and at the end, and
     the checkpoint written is the one with the highest validation PSNR among those whose
     lesion B_max is no higher than the starting weights' (with ``init``; from scratch, among
-    all but the untrained start). Without it, the last iterate is written. Validation time
+    all but the untrained start; when that is the start, the manifest's ``trained_on`` is the
+    starting model's, saying so). Without it, the last iterate is written. Validation time
     counts in ``seconds``. ``on_checkpoint`` is called with each checkpoint's scores.
     """
     import hashlib
@@ -296,6 +297,12 @@ def train(
         check()
         if best is not None:
             net.load_state_dict(best["state"])
+        if best is not None and best["point"]["iteration"] == 0 and init is not None:
+            # the starting weights, unchanged: the manifest says what trained those
+            before = yaml.safe_load((init / "manifest.yaml").read_text())
+            trained_on = (f"{before['trained_on']} (weights of {before['name']} "
+                          f"{before['version']}, unchanged: {it} iterations more on "
+                          f"{trained_on} did not beat them on validation)")
     output.mkdir(parents=True, exist_ok=True)
     weights = output / "model.pt"
     torch.save(net.state_dict(), weights)
