@@ -408,8 +408,7 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
     from dicomnode.pipelines.pet_denoise import train as train_drmc
     from dicomnode.pipelines.pet_denoise import validation_windows
     from dicomnode.training import (
-        load_pairs,
-        save_pairs,
+        cached_pairs,
         simulated_pet_pairs,
         site_pet_pairs,
         validation_seeds_taken,
@@ -434,29 +433,19 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
 
     if pair_dirs:
         pairs, source = site_pet_pairs(list(pair_dirs))
-    elif data_cache is not None and data_cache.exists():
-        pairs, source = load_pairs(data_cache)
     else:
-        pairs, source = simulated_pet_pairs(cases=cases, drfs=drfs, seed=seed,
-                                            processes=processes,
-                                            pet_mm=pet_mm or None)
-        if data_cache is not None:
-            save_pairs(data_cache, pairs, source)
+        pairs, source = cached_pairs(data_cache, lambda: simulated_pet_pairs(
+            cases=cases, drfs=drfs, seed=seed, processes=processes, pet_mm=pet_mm or None))
     click.echo(f"{len(pairs)} training pairs: {source}")
     validation = None
     if validation_dirs:
         held, held_source = site_pet_pairs(list(validation_dirs))
     elif validation_cases:
-        cached = (None if data_cache is None
-                  else data_cache.with_name(f"{data_cache.stem}-validation.npz"))
-        if cached is not None and cached.exists():
-            held, held_source = load_pairs(cached)
-        else:
-            held, held_source = simulated_pet_pairs(
-                cases=validation_cases, drfs=drfs, seed=validation_seed,
-                processes=processes, pet_mm=pet_mm or None, lidc=False)
-            if cached is not None:
-                save_pairs(cached, held, held_source)
+        held, held_source = cached_pairs(
+            None if data_cache is None
+            else data_cache.with_name(f"{data_cache.stem}-validation.npz"),
+            lambda: simulated_pet_pairs(cases=validation_cases, drfs=drfs, seed=validation_seed,
+                                        processes=processes, pet_mm=pet_mm or None, lidc=False))
     if validation_dirs or validation_cases:
         validation = validation_windows(held, seed=seed)
         click.echo(f"{len(held)} validation pairs ({len(validation)} windows): {held_source}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,10 @@ def _lidc() -> Path | None:
                                Path(__file__).resolve().parents[2] / "shared" / "data"))
     lidc = root / "ct" / "lidc-idri-0001"
     return lidc if lidc.is_dir() else None
+
+
+# (low-dose SUV, full-dose SUV, lesion labels or None): what pet-denoise trains on
+PetPair = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,18 @@ def save_pairs(path: Path, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray 
             arrays[f"lesions{i}"] = lesions
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+
+
+def cached_pairs(path: Path | None, simulate: Callable[[], tuple[list[PetPair], str]]
+                 ) -> tuple[list[PetPair], str]:
+    """The pairs saved at ``path`` when it exists, else ``simulate()``'s, saved there
+    (``path`` None: simulated, not saved); the simulation is the slow part of training."""
+    if path is not None and path.exists():
+        return load_pairs(path)
+    pairs, source = simulate()
+    if path is not None:
+        save_pairs(path, pairs, source)
+    return pairs, source
 
 
 def load_pairs(path: Path) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], str]:

@@ -216,3 +216,26 @@ def test_training_that_beats_nothing_hands_back_the_start_and_says_so(tmp_path) 
     trained_on = yaml.safe_load((tmp_path / "m" / "manifest.yaml").read_text())["trained_on"]
     assert trained_on.startswith("the first data (weights of start 0.1.0, unchanged")
     assert "the second data did not beat them" in trained_on
+
+
+def test_cached_pairs_simulate_once_then_read_back(tmp_path) -> None:
+    """The training and validation caches: simulated and saved the first time, read back
+    (arrays, lesion labels or None, description) without simulating the second."""
+    import numpy as np
+
+    from dicomnode.training import cached_pairs
+
+    low, full, lesions = _validation_pair()
+    calls: list[int] = []
+
+    def simulate():
+        calls.append(1)
+        return [(low, full, lesions), (low, full, None)], "two pairs"
+
+    first = cached_pairs(tmp_path / "p.npz", simulate)
+    again = cached_pairs(tmp_path / "p.npz", simulate)
+    assert len(calls) == 1 and first[1] == again[1] == "two pairs"
+    assert np.array_equal(again[0][0][2], lesions) and again[0][1][2] is None
+    assert np.array_equal(again[0][1][0], low)
+    cached_pairs(None, simulate)
+    assert len(calls) == 2 and not (tmp_path / "None").exists()

@@ -263,8 +263,7 @@ def train(
         start = checkpoints[0]
         if it == 0 and init is None:
             return  # random weights are not a candidate
-        if init is not None and not scores["b_max"] <= start["b_max"] \
-                and not np.isnan(start["b_max"]):
+        if init is not None and scores["b_max"] > start["b_max"]:  # False where no lesions
             return
         if best is None or scores["psnr"] > best["point"]["psnr"]:
             best = {"point": point, "state": copy.deepcopy(net.state_dict())}
