@@ -9,7 +9,8 @@ pet-denoise, for DRF 4 and 10:
   grid (abdomen-thorax; thorax-head) and a 250 mm window on a 2 mm grid (the real phantoms'
   voxel size); reference: the full-dose reconstruction, with lesion masks for the SUV biases
   (lesions of at least 1 ml); every reconstruction post-filtered (4 mm).
-Methods: the low-dose input, a Gaussian filter (5 mm FWHM), DRMC (the shipped model).
+Methods: the low-dose input, a Gaussian filter (5 mm FWHM), DRMC (the shipped models, each
+case denoised by the one the pipeline would choose for its voxel size; the row says which).
 Metrics: PSNR (data range: the reference's maximum), SSIM (3-D, Gaussian sigma 1.5), and in
 lesions, B_mean = |SUVmean_pred - SUVmean_ref| / SUVmean_ref and the same for SUVmax (DRMC
 paper, following Zhou et al.), averaged over lesions; on simulated cases also against the
@@ -21,8 +22,9 @@ body, MAE per district, mean SUV per organ (predicted, true); whole-body model v
 models.
 
 Times are CPU seconds per case on this machine. Results: bench/results/pet.json.
-Run: ``.venv/bin/python -m bench.pet``; a candidate DRMC model:
-``--denoise-model DIR --out FILE`` (pet-denoise rows only, into FILE).
+Run: ``.venv/bin/python -m bench.pet``; candidate DRMC models:
+``--denoise-model DIR [--denoise-model DIR2] --out FILE`` (pet-denoise rows only, into FILE;
+with several, each case goes to the one chosen by voxel size, as in the pipeline).
 """
 
 from __future__ import annotations
@@ -153,9 +155,10 @@ def main() -> None:
     parser.add_argument("--ct2pet-model", type=Path, default=None,
                         help="a candidate ct2pet model directory instead of the shipped one; "
                              "only ct2pet runs, and its rows go to --out, not pet.json")
-    parser.add_argument("--denoise-model", type=Path, default=None,
+    parser.add_argument("--denoise-model", type=Path, action="append", default=None,
                         help="a candidate pet-denoise model directory instead of the shipped "
-                             "one; only pet-denoise runs, and its rows go to --out")
+                             "ones (repeated: chosen between by voxel size, as the pipeline "
+                             "does); only pet-denoise runs, and its rows go to --out")
     parser.add_argument("--out", type=Path, default=RESULTS.parent / "pet-candidate.json",
                         help="results file of a --ct2pet-model or --denoise-model run")
     parser.add_argument("--ct2pet-seeds", type=int, nargs="+", default=list(CT2PET_SEEDS),
@@ -165,7 +168,7 @@ def main() -> None:
     from dicomnode.models import load_entry, load_network, scan_models
     from dicomnode.phantom import whole_body
     from dicomnode.pipelines.ct2pet import load_generators
-    from dicomnode.pipelines.pet_denoise import denoise, to_suv
+    from dicomnode.pipelines.pet_denoise import DEFAULT_MODELS, choose_model, denoise, to_suv
     from dicomnode.simulate import (
         POSTFILTER_MM,
         PetTwin,
@@ -192,19 +195,22 @@ def main() -> None:
         return
     models, problems = scan_models(ROOT / "models")
     assert not problems, problems
-    denoise_entry = (models["pet-denoise-drmc"] if args.denoise_model is None
-                     else load_entry(args.denoise_model))
-    drmc = load_network(denoise_entry, device="cpu")
+    denoise_entries = ([models[n] for n in DEFAULT_MODELS if n in models]
+                       if args.denoise_model is None
+                       else [load_entry(d) for d in args.denoise_model])
+    drmcs = [load_network(e, device="cpu") for e in denoise_entries]
     out: dict[str, object] = {"benchmark": "pet", "device": "cpu", "cpus": os.cpu_count()}
     if args.denoise_model is not None:
         args.only = "pet-denoise"
-        out["model"] = (f"{args.denoise_model} ({denoise_entry.manifest.name} "
-                        f"{denoise_entry.manifest.version}: {denoise_entry.manifest.trained_on})")
+        out["model"] = "; ".join(f"{d} ({e.manifest.name} {e.manifest.version}: "
+                                 f"{e.manifest.trained_on})"
+                                 for d, e in zip(args.denoise_model, denoise_entries, strict=True))
     rows = []
 
     def evaluate(case: str, drf: int, low: np.ndarray, ref: np.ndarray, spacing: tuple,
                  lesions: np.ndarray | None, truth: np.ndarray | None = None) -> None:
         t0 = time.perf_counter()
+        drmc = choose_model(drmcs, spacing)
         enhanced = denoise(drmc, low, roi=32)
         t_drmc = time.perf_counter() - t0
         for method, img in (("low-dose", low), ("gaussian 5mm", gaussian_fwhm(low, spacing, 5.0)),
@@ -221,6 +227,7 @@ def main() -> None:
                             if k != "lesions"})
             if method == "DRMC":
                 row["seconds"] = t_drmc
+                row["model"] = f"{drmc.entry.manifest.name} {drmc.entry.manifest.version}"
             rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                               for k, v in row.items()}), flush=True)
@@ -270,8 +277,9 @@ def main() -> None:
                      drf, low, twin.full, twin.spacing, twin.lesions, twin.truth)
     if args.denoise_model is not None:
         out["pet_denoise"] = rows
-        out["command"] = (f"python -m bench.pet --denoise-model {args.denoise_model} "
-                          f"--out {args.out}")
+        out["command"] = ("python -m bench.pet "
+                          + "".join(f"--denoise-model {d} " for d in args.denoise_model)
+                          + f"--out {args.out}")
         write_json(args.out, out)
         return
     if args.only != "ct2pet":

@@ -407,6 +407,7 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
     """Train DRMC and write a model directory with its manifest (sha256, trained_on)."""
     from dicomnode.pipelines.pet_denoise import train as train_drmc
     from dicomnode.pipelines.pet_denoise import validation_windows
+    from dicomnode.simulate import PET_MM
     from dicomnode.training import (
         cached_pairs,
         simulated_pet_pairs,
@@ -459,10 +460,13 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
                    f"validation PSNR {point['psnr']:.2f} dB, lesion B_max {point['b_max']:.3f} "
                    f"(signed {point['b_max_signed']:+.3f})")
 
+    # one simulated grid: the manifest says which (the pipeline picks models by voxel size)
+    grids = set(pet_mm or (PET_MM,))
     stats = train_drmc(output=output_dir, pairs=pairs, seconds=seconds, trained_on=source,
                        seed=seed, version=version, lesion_weight=lesion_weight,
                        init=init_dir, validation=validation, validate_every=validate_every,
-                       on_checkpoint=checkpoint)
+                       on_checkpoint=checkpoint,
+                       spacing_mm=grids.pop() if not pair_dirs and len(grids) == 1 else None)
     click.echo(f"trained {stats['iterations']} iterations in {stats['seconds']:.0f} s; "
                f"Charbonnier {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}")
     if stats.get("kept") is not None:

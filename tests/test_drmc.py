@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dicomnode.pipelines.drmc import DRMC, DRMCConfig, charbonnier
@@ -86,10 +87,12 @@ def test_lesion_patches_hold_a_lesion_and_training_writes_a_model(tmp_path) -> N
     low = full + rng.normal(0, 0.5, full.shape).astype(np.float32)
     stats = train(output=tmp_path / "m", pairs=[(low, full, lesions)], seconds=3, patch=16,
                   batch=2, params={"channels": 8, "experts": 2, "blocks": 1, "heads": 2,
-                                   "hidden": 4}, trained_on="a unit test", version="0.0.1")
+                                   "hidden": 4}, trained_on="a unit test", version="0.0.1",
+                  spacing_mm=2.0)
     assert stats["iterations"] > 0 and stats["lesion_fraction"] == 0.5
     manifest = yaml.safe_load((tmp_path / "m" / "manifest.yaml").read_text())
     assert manifest["version"] == "0.0.1" and manifest["trained_on"] == "a unit test"
+    assert manifest["spacing_mm"] == [2.0, 2.0, 2.0]  # what the pipeline chooses models by
     assert json.loads((tmp_path / "m" / "training.json").read_text())["pairs"] == 1
 
 
@@ -193,7 +196,8 @@ def test_train_pet_denoise_cli_refuses_bad_validation_before_simulating(tmp_path
 def test_training_that_beats_nothing_hands_back_the_start_and_says_so(tmp_path) -> None:
     """With the optimiser unable to move the weights (lr 0) no checkpoint beats the start:
     the start's weights are written bit for bit, and the manifest's trained_on is the start's,
-    saying the further training did not change them."""
+    saying the further training did not change them. Weights fine-tuned from a start say
+    what the start was trained on as well."""
     import hashlib
 
     import yaml
@@ -216,6 +220,12 @@ def test_training_that_beats_nothing_hands_back_the_start_and_says_so(tmp_path) 
     trained_on = yaml.safe_load((tmp_path / "m" / "manifest.yaml").read_text())["trained_on"]
     assert trained_on.startswith("the first data (weights of start 0.1.0, unchanged")
     assert "the second data did not beat them" in trained_on
+    assert "fine-tuned" not in trained_on
+    # weights that did change: the manifest names both the new data and the start's
+    train(output=tmp_path / "tuned", pairs=pairs, seconds=1, patch=16, batch=2, params=small,
+          trained_on="the second data", init=tmp_path / "start")
+    tuned = yaml.safe_load((tmp_path / "tuned" / "manifest.yaml").read_text())["trained_on"]
+    assert tuned == "the second data; fine-tuned from start 0.1.0 (trained on the first data)"
 
 
 def test_cached_pairs_simulate_once_then_read_back(tmp_path) -> None:
@@ -239,3 +249,29 @@ def test_cached_pairs_simulate_once_then_read_back(tmp_path) -> None:
     assert np.array_equal(again[0][1][0], low)
     cached_pairs(None, simulate)
     assert len(calls) == 2 and not (tmp_path / "None").exists()
+
+
+def test_model_chosen_by_voxel_size_nearest_by_ratio(tmp_path) -> None:
+    """Without a model named by the rule, pet-denoise takes the model trained on the voxel
+    size nearest (by ratio, on the cube root of the voxel volume) to the series'."""
+    from dicomnode.models import LoadedModel, Manifest, ModelEntry
+    from dicomnode.pipelines.pet_denoise import choose_model, voxel_mm
+
+    def model(name: str, mm: float | None) -> LoadedModel:
+        manifest = Manifest(name=name, version="1", task="pet-denoise", trained_on="test",
+                            spacing_mm=None if mm is None else (mm, mm, mm))
+        return LoadedModel(entry=ModelEntry(path=tmp_path, layout="manifest", manifest=manifest,
+                                            weights=tmp_path, verified=True),
+                           network=None, device="cpu")
+
+    two, four, unknown = model("two", 2.0), model("four", 4.0), model("unknown", None)
+    assert voxel_mm((4.0, 2.0, 2.0)) == pytest.approx(2.5198, abs=1e-4)
+    for spacing, expected in (((2.0, 2.0, 2.0), "two"), ((2.78, 1.95, 1.95), "two"),
+                              ((4.25, 2.0, 2.0), "two"),  # 2.57 mm: 1.29x of 2, 1.56x below 4
+                              ((3.27, 3.0, 3.0), "four"),  # 3.08 mm: 1.30x below 4, 1.54x of 2
+                              ((4.0, 4.0, 4.0), "four"), ((5.0, 5.0, 5.0), "four"),
+                              ((1.0, 1.0, 1.0), "two")):
+        assert choose_model([unknown, four, two], spacing).entry.manifest.name == expected
+        assert choose_model([two, four], spacing).entry.manifest.name == expected
+    assert choose_model([unknown, four], (2.0, 2.0, 2.0)).entry.manifest.name == "four"
+    assert choose_model([unknown], (2.0, 2.0, 2.0)).entry.manifest.name == "unknown"

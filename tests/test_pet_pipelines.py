@@ -12,6 +12,7 @@ import pytest
 from dicomnode.models import scan_models
 from dicomnode.offline import run_folder
 from dicomnode.pipelines.ct_tissue import body_mask
+from dicomnode.pipelines.pet_denoise import DEFAULT_MODELS, voxel_mm
 from dicomnode.settings import parse_settings
 from dicomnode.volume import load_series
 from tests.conftest import DATA, LIDC, ROOT
@@ -19,12 +20,16 @@ from tests.dicomtools import dciodvfy
 
 warnings.filterwarnings("ignore", category=UserWarning)
 SETTINGS = parse_settings({})
+# the model pet-denoise takes when the rule names none: each phantom's voxels (Philips 2 mm,
+# Signa 2.78 x 1.95 x 1.95, GE Advance 4.25 x 2 x 2 mm) are nearer 2 mm than 4 mm
+EXPECTED_MODEL = dict.fromkeys(("ge-signa-petmr-fdg", "philips-gemini-ctac",
+                                "ge-advance-bigendian"), "pet-denoise-drmc-2mm")
 
 
 def test_shipped_models_are_verified_and_say_simulated() -> None:
     found, problems = scan_models(ROOT / "models")
     assert problems == []
-    for name in ("pet-denoise-drmc", "ct2pet-district"):
+    for name in (*DEFAULT_MODELS, "ct2pet-district"):
         entry = found[name]
         assert entry.verified and "SIMULATED" in entry.manifest.trained_on
         assert entry.weights.stat().st_size < 20 * 2**20
@@ -45,6 +50,10 @@ def test_pet_denoise_keeps_units_and_suv(tmp_path: Path, name: str) -> None:
     assert np.allclose(out.affine, source.affine, atol=1e-4)
     ds = pydicom.dcmread(paths[0])
     assert "enhanced" in ds.SeriesDescription and "simulated" in ds.DerivationDescription.lower()
+    # no model named: the one trained nearest the series' voxel size, and the series says so
+    assert f"chosen for the series' {voxel_mm(source.spacing):.2f} mm voxels" in \
+        ds.DerivationDescription
+    assert ds.ContributingEquipmentSequence[0].ManufacturerModelName == EXPECTED_MODEL[name]
     errors, _ = dciodvfy(paths[0])
     assert errors == []
     # the activity is where it was: the enhanced image correlates with the source
@@ -76,15 +85,15 @@ def test_ct2pet_synthetic_pet_on_lidc(tmp_path: Path) -> None:
 
 def test_pet_denoise_and_ct2pet_run_from_rules_in_the_node(make_node) -> None:
     """A PET and a CT sent to a running node come back as an enhanced PET and a synthetic PET,
-    each job recording the model and version it used."""
+    each job recording the model and version it used: the one the rule names (ct2pet), or
+    the one the pipeline chose (pet-denoise, by voxel size: recorded after the run)."""
     from sqlalchemy import select
 
     from dicomnode.audit.models import Job, JobStatus, Output
     from tests.conftest import storescu, wait_for
 
     node = make_node(rules=[
-        {"name": "pet", "match": {"Modality": {"equals": "PT"}}, "pipelines": ["pet-denoise"],
-         "models": {"pet-denoise": "pet-denoise-drmc"}},
+        {"name": "pet", "match": {"Modality": {"equals": "PT"}}, "pipelines": ["pet-denoise"]},
         {"name": "ct", "match": {"Modality": {"equals": "CT"}}, "pipelines": ["ct2pet"],
          "models": {"ct2pet": "ct2pet-district"}}],
         completion={"quiet_period_s": 1, "max_wait_s": 60},
@@ -101,7 +110,8 @@ def test_pet_denoise_and_ct2pet_run_from_rules_in_the_node(make_node) -> None:
 
     jobs = {j.pipeline: j for j in wait_for(finished, timeout=300, interval=0.5)}
     manifests, _ = scan_models(ROOT / "models")
-    for pipeline, model in (("pet-denoise", "pet-denoise-drmc"), ("ct2pet", "ct2pet-district")):
+    for pipeline, model in (("pet-denoise", EXPECTED_MODEL["ge-advance-bigendian"]),
+                            ("ct2pet", "ct2pet-district")):
         job = jobs[pipeline]
         assert job.status == JobStatus.SUCCEEDED, job.error_detail
         assert (job.model_name, job.model_version) == (model, manifests[model].manifest.version)

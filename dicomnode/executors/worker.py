@@ -186,12 +186,17 @@ def run_claimed_job(
     with transaction(factory) as session:
         n = _record_outputs(session, settings=settings, job=job, outputs=outputs,
                             calling_ae=calling_ae)
+        used = ctx.model_used
+        if used and job.model_name is None:  # the pipeline chose: the job says which
+            session.execute(update(Job).where(Job.id == job.id).values(
+                model_name=used["name"][:64], model_version=used["version"][:32]))
         status = finish_job(session, job_id=job.id, owner=owner, succeeded=True, timings=timings)
         record_event(
             session, "outputs.written", audit_event_id=AuditEventID.APPLICATION_ACTIVITY,
             actor=owner[:64], series_instance_uid=job.series_instance_uid,
             detail={"job_id": job.id, "outputs": len(outputs), "deliveries": n,
-                    "series": sorted({o.series_instance_uid for o in outputs})},
+                    "series": sorted({o.series_instance_uid for o in outputs}),
+                    **({"model": used} if used else {})},
         )
         _settle_series(session, job.series_id)
     return status

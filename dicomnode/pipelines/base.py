@@ -10,7 +10,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 __all__ = ["JobContext", "OutputFile", "PipelineRefusal", "RunFunction", "job_model",
-           "save_outputs"]
+           "note_model", "save_outputs"]
 
 
 class PipelineRefusal(Exception):
@@ -54,6 +54,9 @@ class JobContext:
     options: dict[str, object] = field(default_factory=dict)
     progress: Callable[[float], None] = field(default=lambda _f: None)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds, filled by run
+    # the model that ran (name, version, why), filled by run: the worker records it in the job
+    # where the rule named none
+    model_used: dict[str, str] = field(default_factory=dict)
 
 
 RunFunction = Callable[[JobContext], list[OutputFile]]
@@ -69,10 +72,18 @@ def job_model(ctx: JobContext, *, default: str | None = None, loader: Callable[.
     if not name:
         raise PipelineRefusal("no_model", f"the rule names no model for {ctx.pipeline}")
     try:
-        return cached_model(Path(str(ctx.options.get("models_dir"))), str(name),
-                            device=ctx.device, loader=loader)
+        model = cached_model(Path(str(ctx.options.get("models_dir"))), str(name),
+                             device=ctx.device, loader=loader)
     except ModelError as exc:
         raise PipelineRefusal("unknown_model", str(exc)) from None
+    note_model(ctx, model.entry.manifest, "named by the rule" if ctx.options.get("model")
+               else "the pipeline's default")
+    return model
+
+
+def note_model(ctx: JobContext, manifest: Any, why: str) -> None:
+    """Say in ``ctx.model_used`` which model ran and why."""
+    ctx.model_used.update(name=manifest.name, version=manifest.version, chosen=why)
 
 
 def model_identity(ctx: JobContext, volume: Any, manifest: Any, *, kind: str,

@@ -4,8 +4,14 @@ Intensities: BQML with SUV factors -> SUVbw; other units (CNTS, PROPCNTS) -> a p
 puts the mean of the voxels above 10 % of the maximum at 1.0 (what soft tissue is in the
 training data). The model sees SUV / 10 and is applied in overlapping windows (Gaussian
 blending); values are scaled back, so the series keeps its units, and a viewer's SUV tool gives
-the same numbers as on the source. The shipped model was trained on simulated data only
-(``models/pet-denoise-drmc/manifest.yaml``), which the output series says.
+the same numbers as on the source. The shipped models were trained on simulated data only
+(``models/pet-denoise-drmc*/manifest.yaml``), which the output series says.
+
+Which model: the one the rule names (``models: {pet-denoise: NAME}``); otherwise, of the
+shipped ``DEFAULT_MODELS`` present, the one whose training voxel size (``spacing_mm`` in its
+manifest) is nearest, by ratio, to the series' (the cube root of the voxel volume). A small
+network fits the voxel size it was trained on (docs/pet-experiments.md), and resampling the
+series to the model's grid instead was measured worse (README).
 
 ``train`` is ``dicomnode train pet-denoise``: it simulates cases with the PET/CT twin (or reads a
 site's pairs of DICOM folders) and writes a model directory with its manifest.
@@ -15,8 +21,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +37,18 @@ from dicomnode.pipelines.base import (
     PipelineRefusal,
     job_model,
     model_identity,
+    note_model,
     save_outputs,
 )
 from dicomnode.volume import SeriesVolume, load_series
 from dicomnode.write.pet import build_derived_pet
 
-__all__ = ["DEFAULT_MODEL", "ValidationWindow", "denoise", "draw_patch", "run", "to_suv", "train",
-           "validation_scores", "validation_windows"]
+__all__ = ["DEFAULT_MODELS", "ValidationWindow", "choose_model", "default_model", "denoise",
+           "draw_patch", "run", "to_suv", "train", "validation_scores", "validation_windows",
+           "voxel_mm"]
 
-DEFAULT_MODEL = "pet-denoise-drmc"
+# chosen between by voxel size when the rule names no model
+DEFAULT_MODELS = ("pet-denoise-drmc", "pet-denoise-drmc-2mm")
 SCALE = 10.0  # the network sees SUV / 10
 
 
@@ -51,6 +61,43 @@ def to_suv(volume: SeriesVolume) -> tuple[np.ndarray, float, str]:
         raise PipelineRefusal("empty", "the PET series has no positive values")
     mean = float(volume.array[volume.array > 0.1 * top].mean())
     return volume.array / mean, 1.0 / mean, f"pseudo-SUV ({volume.units}: no SUV factors)"
+
+
+def voxel_mm(spacing: Sequence[float]) -> float:
+    """The edge of a cube with the voxel's volume."""
+    return float(np.prod([float(v) for v in spacing])) ** (1 / 3)
+
+
+def choose_model(models: Sequence[LoadedModel], spacing: Sequence[float]) -> LoadedModel:
+    """The model whose training voxel size is nearest (by ratio) to ``spacing``; models whose
+    manifest gives no ``spacing_mm`` only where none does (the first, then)."""
+    size = voxel_mm(spacing)
+
+    def distance(model: LoadedModel) -> float:
+        trained = model.entry.manifest.spacing_mm
+        return abs(math.log(size / voxel_mm(trained))) if trained else math.inf
+
+    return min(models, key=distance)
+
+
+def default_model(ctx: JobContext, spacing: Sequence[float]) -> LoadedModel:
+    """The model for a job whose rule names none (why: in ``ctx.model_used``)."""
+    from dicomnode.models import ModelError, cached_model
+
+    found, problems = [], []
+    for name in DEFAULT_MODELS:
+        try:
+            found.append(cached_model(Path(str(ctx.options.get("models_dir"))), name,
+                                      device=ctx.device))
+        except ModelError as exc:
+            problems.append(str(exc))
+    if not found:
+        raise PipelineRefusal("unknown_model", "; ".join(problems))
+    model = choose_model(found, spacing)
+    trained = model.entry.manifest.spacing_mm
+    note_model(ctx, model.entry.manifest, f"chosen for the series' {voxel_mm(spacing):.2f} mm "
+               "voxels" + (f", trained on {voxel_mm(trained):g} mm" if trained else ""))
+    return model
 
 
 def denoise(model: LoadedModel, suv: np.ndarray, *, roi: int = 32, overlap: float = 0.5
@@ -76,15 +123,16 @@ def run(ctx: JobContext) -> list[OutputFile]:
     t0 = time.perf_counter()
     volume = load_series(list(ctx.input_files), modality="PT")
     suv, factor, how = to_suv(volume)
-    model = job_model(ctx, default=DEFAULT_MODEL)
+    model = job_model(ctx) if ctx.options.get("model") else default_model(ctx, volume.spacing)
     t1 = time.perf_counter()
     enhanced = denoise(model, suv, roi=model.entry.manifest.roi_size[0])
     t2 = time.perf_counter()
     m = model.entry.manifest
     identity = model_identity(ctx, volume, m, kind="PT", description="PET enhanced (DRMC)")
-    description = (f"Low-dose PET enhanced by DRMC model {m.name} {m.version} (trained on "
-                   f"{m.trained_on}); intensities via {how}; units and SUV factors as the "
-                   "source")
+    description = (f"Low-dose PET enhanced by DRMC model {m.name} {m.version} "
+                   f"({ctx.model_used['chosen']}; "
+                   f"trained on {m.trained_on}); intensities via {how}; units and SUV factors "
+                   "as the source")
     outputs = save_outputs(build_derived_pet(values=(enhanced / factor).astype(np.float32),
                                              volume=volume, identity=identity,
                                              description=description),
@@ -208,6 +256,7 @@ def train(
     lesion_fraction: float = 0.5, lesion_weight: float = 1.0, init: Path | None = None,
     validation: list[ValidationWindow] | None = None, validate_every: float = 180.0,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    spacing_mm: float | None = None,
 ) -> dict[str, Any]:
     """Train DRMC on (low, full, lesion labels or None) SUV pairs and write ``output``
     (manifest + weights).
@@ -226,6 +275,8 @@ def train(
     all but the untrained start; when that is the start, the manifest's ``trained_on`` is the
     starting model's, saying so). Without it, the last iterate is written. Validation time
     counts in ``seconds``. ``on_checkpoint`` is called with each checkpoint's scores.
+    ``spacing_mm``: the (isotropic) voxel size of all the training pairs, written to the
+    manifest, where the pipeline's choice of model by voxel size reads it.
     """
     import hashlib
 
@@ -238,8 +289,10 @@ def train(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = drmc_from_params(**params)
+    before: dict[str, Any] = {}
     if init is not None:
         net.load_state_dict(torch.load(init / "model.pt", map_location="cpu", weights_only=True))
+        before = yaml.safe_load((init / "manifest.yaml").read_text())
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     usable = [(lo, fu, les, None if les is None or not les.any() else np.argwhere(les > 0))
               for lo, fu, les in pairs if min(lo.shape) >= patch]
@@ -298,10 +351,13 @@ def train(
             net.load_state_dict(best["state"])
         if best is not None and best["point"]["iteration"] == 0 and init is not None:
             # the starting weights, unchanged: the manifest says what trained those
-            before = yaml.safe_load((init / "manifest.yaml").read_text())
             trained_on = (f"{before['trained_on']} (weights of {before['name']} "
                           f"{before['version']}, unchanged: {it} iterations more on "
                           f"{trained_on} did not beat them on validation)")
+            before = {}
+    if before:  # what the starting weights had learned is part of the model
+        trained_on = (f"{trained_on}; fine-tuned from {before['name']} {before['version']} "
+                      f"(trained on {before['trained_on']})")
     output.mkdir(parents=True, exist_ok=True)
     weights = output / "model.pt"
     torch.save(net.state_dict(), weights)
@@ -311,6 +367,7 @@ def train(
         "network": {"class": "dicomnode.pipelines.drmc:drmc_from_params",
                     "params": DRMCConfig(**params).as_dict()},
         "modality": "PT", "roi_size": [32, 32, 32], "overlap": 0.5,
+        **({"spacing_mm": [spacing_mm] * 3} if spacing_mm else {}),
         "normalisation": {"kind": "none"},
         "weights": "model.pt", "sha256": sha, "trained_on": trained_on,
         "licence": "Apache-2.0 (weights trained by dicomnode's own command)",
