@@ -461,12 +461,12 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
                    f"(signed {point['b_max_signed']:+.3f})")
 
     # one simulated grid: the manifest says which (the pipeline picks models by voxel size)
-    grids = set(pet_mm or (PET_MM,))
+    grids = sorted(set(pet_mm or (PET_MM,)))
     stats = train_drmc(output=output_dir, pairs=pairs, seconds=seconds, trained_on=source,
                        seed=seed, version=version, lesion_weight=lesion_weight,
                        init=init_dir, validation=validation, validate_every=validate_every,
                        on_checkpoint=checkpoint,
-                       spacing_mm=grids.pop() if not pair_dirs and len(grids) == 1 else None)
+                       spacing_mm=grids[0] if not pair_dirs and len(grids) == 1 else None)
     click.echo(f"trained {stats['iterations']} iterations in {stats['seconds']:.0f} s; "
                f"Charbonnier {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}")
     if stats.get("kept") is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,22 +62,36 @@ class JobContext:
 RunFunction = Callable[[JobContext], list[OutputFile]]
 
 
-def job_model(ctx: JobContext, *, default: str | None = None, loader: Callable[..., Any] | None
-              = None) -> Any:
-    """The model the job's rule names (or ``default``), from the worker's cache; a refusal
-    with the reason when there is none or it cannot be used."""
+def job_model(ctx: JobContext, *, default: str | Sequence[str] | None = None,
+              loader: Callable[..., Any] | None = None,
+              choose: Callable[[list[Any]], tuple[Any, str]] | None = None) -> Any:
+    """The model the job's rule names, else the pipeline's ``default``, from the worker's
+    cache; a refusal with the reason when there is none or it cannot be used. With several
+    defaults, those that load are given to ``choose``, which returns one and why (the ones
+    missing are skipped). ``ctx.model_used`` says which model and why."""
     from dicomnode.models import ModelError, cached_model
 
-    name = ctx.options.get("model") or default
-    if not name:
+    named = ctx.options.get("model")
+    names = [str(named)] if named else [default] if isinstance(default, str) else list(
+        default or ())
+    if not names:
         raise PipelineRefusal("no_model", f"the rule names no model for {ctx.pipeline}")
-    try:
-        model = cached_model(Path(str(ctx.options.get("models_dir"))), str(name),
-                             device=ctx.device, loader=loader)
-    except ModelError as exc:
-        raise PipelineRefusal("unknown_model", str(exc)) from None
-    note_model(ctx, model.entry.manifest, "named by the rule" if ctx.options.get("model")
-               else "the pipeline's default")
+    found, problems = [], []
+    for name in names:
+        try:
+            found.append(cached_model(Path(str(ctx.options.get("models_dir"))), name,
+                                      device=ctx.device, loader=loader))
+        except ModelError as exc:
+            problems.append(str(exc))
+    if not found:
+        raise PipelineRefusal("unknown_model", "; ".join(problems))
+    if named:
+        model, why = found[0], "named by the rule"
+    elif choose is not None:
+        model, why = choose(found)
+    else:
+        model, why = found[0], "the pipeline's default"
+    note_model(ctx, model.entry.manifest, why)
     return model
 
 

@@ -37,13 +37,12 @@ from dicomnode.pipelines.base import (
     PipelineRefusal,
     job_model,
     model_identity,
-    note_model,
     save_outputs,
 )
 from dicomnode.volume import SeriesVolume, load_series
 from dicomnode.write.pet import build_derived_pet
 
-__all__ = ["DEFAULT_MODELS", "ValidationWindow", "choose_model", "default_model", "denoise",
+__all__ = ["DEFAULT_MODELS", "ValidationWindow", "by_voxel_size", "choose_model", "denoise",
            "draw_patch", "run", "to_suv", "train", "validation_scores", "validation_windows",
            "voxel_mm"]
 
@@ -80,24 +79,17 @@ def choose_model(models: Sequence[LoadedModel], spacing: Sequence[float]) -> Loa
     return min(models, key=distance)
 
 
-def default_model(ctx: JobContext, spacing: Sequence[float]) -> LoadedModel:
-    """The model for a job whose rule names none (why: in ``ctx.model_used``)."""
-    from dicomnode.models import ModelError, cached_model
+def by_voxel_size(spacing: Sequence[float]) -> Callable[[list[LoadedModel]],
+                                                         tuple[LoadedModel, str]]:
+    """``job_model``'s ``choose`` for a series of this voxel spacing: ``choose_model``, and
+    why."""
+    def choose(found: list[LoadedModel]) -> tuple[LoadedModel, str]:
+        model = choose_model(found, spacing)
+        trained = model.entry.manifest.spacing_mm
+        return model, (f"chosen for the series' {voxel_mm(spacing):.2f} mm voxels"
+                       + (f", trained on {voxel_mm(trained):g} mm" if trained else ""))
 
-    found, problems = [], []
-    for name in DEFAULT_MODELS:
-        try:
-            found.append(cached_model(Path(str(ctx.options.get("models_dir"))), name,
-                                      device=ctx.device))
-        except ModelError as exc:
-            problems.append(str(exc))
-    if not found:
-        raise PipelineRefusal("unknown_model", "; ".join(problems))
-    model = choose_model(found, spacing)
-    trained = model.entry.manifest.spacing_mm
-    note_model(ctx, model.entry.manifest, f"chosen for the series' {voxel_mm(spacing):.2f} mm "
-               "voxels" + (f", trained on {voxel_mm(trained):g} mm" if trained else ""))
-    return model
+    return choose
 
 
 def denoise(model: LoadedModel, suv: np.ndarray, *, roi: int = 32, overlap: float = 0.5
@@ -123,7 +115,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
     t0 = time.perf_counter()
     volume = load_series(list(ctx.input_files), modality="PT")
     suv, factor, how = to_suv(volume)
-    model = job_model(ctx) if ctx.options.get("model") else default_model(ctx, volume.spacing)
+    model = job_model(ctx, default=DEFAULT_MODELS, choose=by_voxel_size(volume.spacing))
     t1 = time.perf_counter()
     enhanced = denoise(model, suv, roi=model.entry.manifest.roi_size[0])
     t2 = time.perf_counter()
@@ -349,13 +341,12 @@ def train(
         check()
         if best is not None:
             net.load_state_dict(best["state"])
-        if best is not None and best["point"]["iteration"] == 0 and init is not None:
-            # the starting weights, unchanged: the manifest says what trained those
-            trained_on = (f"{before['trained_on']} (weights of {before['name']} "
-                          f"{before['version']}, unchanged: {it} iterations more on "
-                          f"{trained_on} did not beat them on validation)")
-            before = {}
-    if before:  # what the starting weights had learned is part of the model
+    if before and best is not None and best["point"]["iteration"] == 0:
+        # the starting weights, unchanged: the manifest says what trained those
+        trained_on = (f"{before['trained_on']} (weights of {before['name']} "
+                      f"{before['version']}, unchanged: {it} iterations more on "
+                      f"{trained_on} did not beat them on validation)")
+    elif before:  # what the starting weights had learned is part of the model
         trained_on = (f"{trained_on}; fine-tuned from {before['name']} {before['version']} "
                       f"(trained on {before['trained_on']})")
     output.mkdir(parents=True, exist_ok=True)
