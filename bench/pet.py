@@ -10,7 +10,8 @@ pet-denoise, for DRF 4 and 10:
   voxel size); reference: the full-dose reconstruction, with lesion masks for the SUV biases
   (lesions of at least 1 ml); every reconstruction post-filtered (4 mm).
 Methods: the low-dose input, a Gaussian filter (5 mm FWHM), DRMC (the shipped models, each
-case denoised by the one the pipeline would choose for its voxel size; the row says which).
+case denoised by the one the pipeline would choose for its voxel size, its input scaled into
+the model's training activity range as the pipeline does; the row says which, and the scale).
 Metrics: PSNR (data range: the reference's maximum), SSIM (3-D, Gaussian sigma 1.5), and in
 lesions, B_mean = |SUVmean_pred - SUVmean_ref| / SUVmean_ref and the same for SUVmax (DRMC
 paper, following Zhou et al.), averaged over lesions; on simulated cases also against the
@@ -168,7 +169,13 @@ def main() -> None:
     from dicomnode.models import load_entry, load_network, scan_models
     from dicomnode.phantom import whole_body
     from dicomnode.pipelines.ct2pet import load_generators
-    from dicomnode.pipelines.pet_denoise import DEFAULT_MODELS, choose_model, denoise, to_suv
+    from dicomnode.pipelines.pet_denoise import (
+        DEFAULT_MODELS,
+        choose_model,
+        denoise,
+        input_scale,
+        to_suv,
+    )
     from dicomnode.simulate import (
         POSTFILTER_MM,
         PetTwin,
@@ -211,7 +218,8 @@ def main() -> None:
                  lesions: np.ndarray | None, truth: np.ndarray | None = None) -> None:
         t0 = time.perf_counter()
         drmc = choose_model(drmcs, spacing)
-        enhanced = denoise(drmc, low, roi=32)
+        scale, _ = input_scale(drmc, low)
+        enhanced = denoise(drmc, low, roi=32, scale=scale)
         t_drmc = time.perf_counter() - t0
         for method, img in (("low-dose", low), ("gaussian 5mm", gaussian_fwhm(low, spacing, 5.0)),
                             ("DRMC", enhanced)):
@@ -228,6 +236,7 @@ def main() -> None:
             if method == "DRMC":
                 row["seconds"] = t_drmc
                 row["model"] = f"{drmc.entry.manifest.name} {drmc.entry.manifest.version}"
+                row["input_scale"] = round(scale, 4)
             rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                               for k, v in row.items()}), flush=True)

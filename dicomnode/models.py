@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dicomnode.spool import file_sha256
 
@@ -75,6 +75,9 @@ class Manifest(_M):
     modality: str = "CT"
     spacing_mm: tuple[float, float, float] | None = None
     normalisation: Normalisation = Normalisation()
+    input_level: tuple[float, float] | None = Field(
+        default=None, description="pet-denoise: the range of the training inputs' activity "
+        "level (pet_denoise.activity_level); an input outside it is scaled into it and back")
     roi_size: tuple[int, int, int] = (96, 96, 96)
     overlap: float = Field(default=0.25, ge=0, lt=1)
     labels: list[LabelSpec] = Field(default_factory=list)
@@ -82,6 +85,13 @@ class Manifest(_M):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     trained_on: str
     licence: str = "unspecified"
+
+    @field_validator("input_level")
+    @classmethod
+    def _positive_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError(f"must be [low, high] with 0 < low <= high, not {list(v)}")
+        return v
 
 
 @dataclass(frozen=True)

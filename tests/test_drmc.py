@@ -93,6 +93,10 @@ def test_lesion_patches_hold_a_lesion_and_training_writes_a_model(tmp_path) -> N
     manifest = yaml.safe_load((tmp_path / "m" / "manifest.yaml").read_text())
     assert manifest["version"] == "0.0.1" and manifest["trained_on"] == "a unit test"
     assert manifest["spacing_mm"] == [2.0, 2.0, 2.0]  # what the pipeline chooses models by
+    # the training input's activity level, inside the range written (what input_scale reads)
+    from dicomnode.pipelines.pet_denoise import activity_level
+    low_level, high_level = manifest["input_level"]
+    assert low_level <= activity_level(low) <= high_level and high_level - low_level < 0.002
     assert json.loads((tmp_path / "m" / "training.json").read_text())["pairs"] == 1
 
 
@@ -275,3 +279,45 @@ def test_model_chosen_by_voxel_size_nearest_by_ratio(tmp_path) -> None:
         assert choose_model([two, four], spacing).entry.manifest.name == expected
     assert choose_model([unknown, four], (2.0, 2.0, 2.0)).entry.manifest.name == "four"
     assert choose_model([unknown], (2.0, 2.0, 2.0)).entry.manifest.name == "unknown"
+
+
+def test_input_outside_the_training_activity_range_is_scaled_into_it_and_back(tmp_path) -> None:
+    """A series whose activity level lies outside the model's ``input_level`` goes through
+    the network scaled to the nearer end of the range, and comes back in its own units; one
+    inside it, or a model without the range, is not scaled."""
+    import numpy as np
+    from pydantic import ValidationError
+
+    from dicomnode.models import LoadedModel, Manifest, ModelEntry
+    from dicomnode.pipelines.pet_denoise import activity_level, denoise, input_scale
+
+    net = DRMC(SMALL)
+    with torch.no_grad():  # the identity: what comes out is what went in
+        net.tail.weight.zero_()
+        net.tail.bias.zero_()
+
+    def model(level: tuple[float, float] | None) -> LoadedModel:
+        manifest = Manifest(name="m", version="1", task="pet-denoise", trained_on="test",
+                            input_level=level)
+        return LoadedModel(entry=ModelEntry(path=tmp_path, layout="manifest", manifest=manifest,
+                                            weights=tmp_path, verified=True),
+                           network=net.eval(), device="cpu")
+
+    rng = np.random.default_rng(0)
+    phantom = np.zeros((24, 24, 24), np.float32)
+    phantom[4:20, 4:20, 4:20] = rng.uniform(0.9, 1.1, (16, 16, 16))
+    inside = activity_level(phantom)  # the object's rim (smoothed above 5 %) counts too
+    assert 0.85 < inside < 1.0
+    trained = model((0.8, 1.2))
+    faint, bright = phantom * 0.4, phantom * 3.0
+    scale, level = input_scale(trained, faint)
+    assert level == pytest.approx(0.4 * inside, rel=1e-5) and scale * level == pytest.approx(0.8)
+    scale_bright, _ = input_scale(trained, bright)
+    assert scale_bright * activity_level(bright) == pytest.approx(1.2)
+    assert input_scale(trained, phantom)[0] == 1.0
+    assert input_scale(model(None), faint)[0] == 1.0
+    assert input_scale(trained, np.zeros_like(phantom))[0] == 1.0
+    out = denoise(trained, faint, roi=16, scale=scale)
+    np.testing.assert_allclose(out, faint, rtol=1e-5, atol=1e-6)  # back in the input's units
+    with pytest.raises(ValidationError, match="input_level"):
+        Manifest(name="m", version="1", trained_on="test", input_level=(0.0, 1.0))

@@ -7,6 +7,13 @@ blending); values are scaled back, so the series keeps its units, and a viewer's
 the same numbers as on the source. The shipped models were trained on simulated data only
 (``models/pet-denoise-drmc*/manifest.yaml``), which the output series says.
 
+Activity level: the network is not scale-equivariant, and SUVs depend on what a site enters
+(a phantom's nominal weight and dose put its SUVs at 0.5 instead of about 1). A model's
+manifest gives the range of its training inputs' ``activity_level`` (``input_level``); a series
+outside it is scaled to the nearer end before the network and scaled back after, so the output
+keeps the series' units, and the output series says by how much. Inside the range nothing
+changes. Measured in the README (the Philips phantom).
+
 Which model: the one the rule names (``models: {pet-denoise: NAME}``); otherwise, of the
 shipped ``DEFAULT_MODELS`` present, the one whose training voxel size (``spacing_mm`` in its
 manifest) is nearest, by ratio, to the series' (the cube root of the voxel volume). A small
@@ -42,9 +49,9 @@ from dicomnode.pipelines.base import (
 from dicomnode.volume import SeriesVolume, load_series
 from dicomnode.write.pet import build_derived_pet
 
-__all__ = ["DEFAULT_MODELS", "ValidationWindow", "by_voxel_size", "choose_model", "denoise",
-           "draw_patch", "run", "to_suv", "train", "validation_scores", "validation_windows",
-           "voxel_mm"]
+__all__ = ["DEFAULT_MODELS", "ValidationWindow", "activity_level", "by_voxel_size",
+           "choose_model", "denoise", "draw_patch", "input_scale", "run", "to_suv", "train",
+           "validation_scores", "validation_windows", "voxel_mm"]
 
 # chosen between by voxel size when the rule names no model
 DEFAULT_MODELS = ("pet-denoise-drmc", "pet-denoise-drmc-2mm")
@@ -92,13 +99,37 @@ def by_voxel_size(spacing: Sequence[float]) -> Callable[[list[LoadedModel]],
     return choose
 
 
-def denoise(model: LoadedModel, suv: np.ndarray, *, roi: int = 32, overlap: float = 0.5
-            ) -> np.ndarray:
-    """DRMC over the whole volume in overlapping windows (Gaussian blending)."""
+def activity_level(suv: np.ndarray) -> float:
+    """The median SUV of the object: of the voxels whose smoothed value (Gaussian, sigma 1.5
+    voxels) is above 5 % of the smoothed image's 99.9th percentile. About 0.8-1.0 on the
+    twin's cases (soft tissue at SUV 1), 0.45 on the Philips phantom of the shared data."""
+    from scipy.ndimage import gaussian_filter
+
+    x = np.clip(np.asarray(suv, dtype=np.float32), 0, None)
+    smooth = gaussian_filter(x, 1.5)
+    inside = smooth > 0.05 * float(np.percentile(smooth, 99.9))
+    return float(np.median(x[inside])) if inside.any() else 0.0
+
+
+def input_scale(model: LoadedModel, suv: np.ndarray) -> tuple[float, float]:
+    """(factor, activity level): 1 where the model's manifest gives no ``input_level``, the
+    level lies inside it, or the image is empty; else the factor that brings the level to
+    the nearer end of the range."""
+    level = activity_level(suv)
+    bounds = model.entry.manifest.input_level
+    if bounds is None or level <= 0 or bounds[0] <= level <= bounds[1]:
+        return 1.0, level
+    return min(max(level, bounds[0]), bounds[1]) / level, level
+
+
+def denoise(model: LoadedModel, suv: np.ndarray, *, roi: int = 32, overlap: float = 0.5,
+            scale: float = 1.0) -> np.ndarray:
+    """DRMC over the whole volume in overlapping windows (Gaussian blending), on ``suv``
+    times ``scale`` (``input_scale``), divided by it again after."""
     import torch
     from monai.inferers import sliding_window_inference
 
-    x = torch.from_numpy(np.ascontiguousarray(np.clip(suv, 0, None) / SCALE,
+    x = torch.from_numpy(np.ascontiguousarray(np.clip(suv, 0, None) * (scale / SCALE),
                                               dtype=np.float32))[None, None]
     size = tuple(min(roi, s) for s in suv.shape)
     cuda = model.device.startswith("cuda")
@@ -107,7 +138,7 @@ def denoise(model: LoadedModel, suv: np.ndarray, *, roi: int = 32, overlap: floa
                                        predictor=model.network, overlap=overlap,
                                        mode="gaussian", sw_device=model.device, device="cpu")
     assert isinstance(out, torch.Tensor)
-    return np.clip(out.float()[0, 0].numpy() * SCALE, 0, None)
+    return np.clip(out.float()[0, 0].numpy() * (SCALE / scale), 0, None)
 
 
 def run(ctx: JobContext) -> list[OutputFile]:
@@ -117,14 +148,19 @@ def run(ctx: JobContext) -> list[OutputFile]:
     suv, factor, how = to_suv(volume)
     model = job_model(ctx, default=DEFAULT_MODELS, choose=by_voxel_size(volume.spacing))
     t1 = time.perf_counter()
-    enhanced = denoise(model, suv, roi=model.entry.manifest.roi_size[0])
-    t2 = time.perf_counter()
     m = model.entry.manifest
+    scale, level = input_scale(model, suv)
+    enhanced = denoise(model, suv, roi=m.roi_size[0], scale=scale)
+    t2 = time.perf_counter()
     identity = model_identity(ctx, volume, m, kind="PT", description="PET enhanced (DRMC)")
+    scaled = ("" if scale == 1.0 or m.input_level is None else
+              f"; input scaled x{scale:.2f} into the model's training activity range "
+              f"(median SUV in the object {level:.2f}, trained on {m.input_level[0]:.2f}-"
+              f"{m.input_level[1]:.2f}) and back")
     description = (f"Low-dose PET enhanced by DRMC model {m.name} {m.version} "
                    f"({ctx.model_used['chosen']}; "
-                   f"trained on {m.trained_on}); intensities via {how}; units and SUV factors "
-                   "as the source")
+                   f"trained on {m.trained_on}); intensities via {how}{scaled}; units and SUV "
+                   "factors as the source")
     outputs = save_outputs(build_derived_pet(values=(enhanced / factor).astype(np.float32),
                                              volume=volume, identity=identity,
                                              description=description),
@@ -268,7 +304,9 @@ def train(
     starting model's, saying so). Without it, the last iterate is written. Validation time
     counts in ``seconds``. ``on_checkpoint`` is called with each checkpoint's scores.
     ``spacing_mm``: the (isotropic) voxel size of all the training pairs, written to the
-    manifest, where the pipeline's choice of model by voxel size reads it.
+    manifest, where the pipeline's choice of model by voxel size reads it. The manifest's
+    ``input_level`` is the range of the low-dose inputs' ``activity_level`` (with ``init``,
+    widened to the start's).
     """
     import hashlib
 
@@ -291,6 +329,9 @@ def train(
     if not usable:
         raise ValueError(f"no training pair is at least {patch} voxels in every direction")
     with_lesions = [u for u in usable if u[3] is not None]
+    levels = [lv for lv in (activity_level(lo) for lo, *_ in usable) if lv > 0]
+    if not levels:
+        raise ValueError("no training pair has a positive low-dose image")
     t0, losses, it = time.perf_counter(), [], 0
     checkpoints: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
@@ -349,6 +390,11 @@ def train(
     elif before:  # what the starting weights had learned is part of the model
         trained_on = (f"{trained_on}; fine-tuned from {before['name']} {before['version']} "
                       f"(trained on {before['trained_on']})")
+    # the activity levels the weights have seen: the training inputs', and the start's
+    low_level, high_level = min(levels), max(levels)
+    if before.get("input_level"):
+        low_level = min(low_level, before["input_level"][0])
+        high_level = max(high_level, before["input_level"][1])
     output.mkdir(parents=True, exist_ok=True)
     weights = output / "model.pt"
     torch.save(net.state_dict(), weights)
@@ -360,6 +406,7 @@ def train(
         "modality": "PT", "roi_size": [32, 32, 32], "overlap": 0.5,
         **({"spacing_mm": [spacing_mm] * 3} if spacing_mm else {}),
         "normalisation": {"kind": "none"},
+        "input_level": [math.floor(low_level * 1000) / 1000, math.ceil(high_level * 1000) / 1000],
         "weights": "model.pt", "sha256": sha, "trained_on": trained_on,
         "licence": "Apache-2.0 (weights trained by dicomnode's own command)",
     }
@@ -368,7 +415,7 @@ def train(
         "iterations": it, "seconds": time.perf_counter() - t0, "patch": patch, "batch": batch,
         "lesion_fraction": lesion_fraction if with_lesions else 0.0,
         "lesion_weight": lesion_weight, "initialised_from": str(init) if init else None,
-        "pairs": len(usable),
+        "pairs": len(usable), "input_levels": [round(lv, 4) for lv in levels],
         "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:]))}
     if validation:
         stats.update({"validation_windows": len(validation), "validation_seconds": validation_s,
