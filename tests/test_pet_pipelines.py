@@ -61,6 +61,35 @@ def test_pet_denoise_keeps_units_and_suv(tmp_path: Path, name: str) -> None:
     assert np.corrcoef(a, b)[0, 1] > 0.8
 
 
+def test_faint_phantom_is_scaled_into_the_models_training_range(tmp_path: Path) -> None:
+    """The Philips phantom's SUVs (object median 0.47) lie below a model whose manifest says it
+    was trained on activity levels 0.8-1.0: the pipeline scales the series up into that range
+    and back, says so, and the output keeps the source's SUV scale."""
+    import shutil
+
+    import yaml
+
+    from dicomnode.pipelines.pet_denoise import activity_level
+
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "pet-denoise-drmc-2mm", models / "pet-denoise-drmc-2mm")
+    manifest = models / "pet-denoise-drmc-2mm" / "manifest.yaml"
+    data = yaml.safe_load(manifest.read_text())
+    manifest.write_text(yaml.safe_dump({**data, "input_level": [0.8, 1.0]}, sort_keys=False))
+    src = DATA / "pet" / "philips-gemini-ctac"
+    (paths,) = run_folder(parse_settings({"models_dir": str(models)}), pipeline="pet-denoise",
+                          input_dir=src, output_dir=tmp_path / "out").values()
+    assert not isinstance(paths, Exception), paths
+    source = load_series(sorted(p for p in src.iterdir() if p.is_file()))
+    level = activity_level(source.array * source.suv.factor)
+    assert 0.4 < level < 0.55
+    description = pydicom.dcmread(paths[0]).DerivationDescription
+    assert f"input scaled x{0.8 / level:.2f} into the model's training activity range" in \
+        description and "SIMULATED" in description
+    out = load_series(paths)  # back on the source's scale, not the scaled one
+    assert activity_level(out.array * out.suv.factor) == pytest.approx(level, rel=0.15)
+
+
 def test_ct2pet_synthetic_pet_on_lidc(tmp_path: Path) -> None:
     (paths,) = run_folder(SETTINGS, pipeline="ct2pet", input_dir=LIDC,
                           output_dir=tmp_path).values()
