@@ -8,7 +8,7 @@ the same numbers as on the source. The shipped models were trained on simulated 
 (``models/pet-denoise-drmc*/manifest.yaml``), which the output series says.
 
 Activity level: the network is not scale-equivariant, and SUVs depend on what a site enters
-(a phantom's nominal weight and dose put its SUVs at 0.5 instead of about 1). A model's
+(the Philips phantom's header SUV factors put its object at 0.47 instead of about 1). A model's
 manifest gives the range of its training inputs' ``activity_level`` (``input_level``); a series
 outside it is scaled to the nearer end before the network and scaled back after, so the output
 keeps the series' units, and the output series says by how much. Inside the range nothing
@@ -112,12 +112,14 @@ def activity_level(suv: np.ndarray) -> float:
 
 
 def input_scale(model: LoadedModel, suv: np.ndarray) -> tuple[float, float]:
-    """(factor, activity level): 1 where the model's manifest gives no ``input_level``, the
-    level lies inside it, or the image is empty; else the factor that brings the level to
-    the nearer end of the range."""
-    level = activity_level(suv)
+    """(factor, activity level): 1 where the model's manifest gives no ``input_level`` (the
+    level is not computed then: NaN), the level lies inside it, or the image is empty; else
+    the factor that brings the level to the nearer end of the range."""
     bounds = model.entry.manifest.input_level
-    if bounds is None or level <= 0 or bounds[0] <= level <= bounds[1]:
+    if bounds is None:
+        return 1.0, math.nan
+    level = activity_level(suv)
+    if level <= 0 or bounds[0] <= level <= bounds[1]:
         return 1.0, level
     return min(max(level, bounds[0]), bounds[1]) / level, level
 
