@@ -350,6 +350,78 @@ def models_check(config_path: Path | None) -> None:
     click.echo(f"{len(found)} models ok")
 
 
+@models.command("input-level")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--cases", default=8, show_default=True, help="As the model was trained with.")
+@click.option("--drf", "drfs", multiple=True, type=int, default=(4, 10), show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--pet-mm", "pet_mm", multiple=True, type=click.FloatRange(min=0.5))
+@click.option("--pairs", "pair_dirs", multiple=True, type=str,
+              help="A site's LOW_DIR:FULL_DIR pairs, when the model was trained on those.")
+@click.option("--processes", default=os.cpu_count() or 1, show_default=True)
+@click.option("--data-cache", type=click.Path(path_type=Path), default=None,
+              help="As for train pet-denoise: the simulated pairs are read from it when it "
+                   "exists, else saved there.")
+@click.option("--start", "start_dir", type=click.Path(exists=True, file_okay=False,
+                                                      path_type=Path), default=None,
+              help="The model these weights were fine-tuned from: its input_level widens "
+                   "the range (as train pet-denoise --init does).")
+@click.option("--version", default=None, help="Write this manifest version too (the model's "
+              "output changes for series outside the range).")
+def models_input_level(model_dir: Path, cases: int, drfs: tuple[int, ...], seed: int,
+                       pet_mm: tuple[float, ...], pair_dirs: tuple[str, ...], processes: int,
+                       data_cache: Path | None, start_dir: Path | None,
+                       version: str | None) -> None:
+    """Write a pet-denoise model's input_level from its training data, rebuilt from the same
+    arguments as its training (for models trained before train pet-denoise wrote it). The
+    weights and their sha256 are unchanged; the data's description must begin the manifest's
+    trained_on, or nothing is written."""
+    import yaml
+
+    from dicomnode.models import Manifest
+    from dicomnode.pipelines.pet_denoise import training_input_level
+    from dicomnode.training import cached_pairs, simulated_pet_pairs, site_pet_pairs
+
+    manifest_path = model_dir / "manifest.yaml"
+    data = yaml.safe_load(manifest_path.read_text())
+    if data.get("task") != "pet-denoise":
+        raise click.ClickException(f"{model_dir}: task {data.get('task')!r}, not pet-denoise")
+    start = None
+    if start_dir is not None:
+        start = Manifest.model_validate(
+            yaml.safe_load((start_dir / "manifest.yaml").read_text())).input_level
+        if start is None:
+            raise click.ClickException(f"{start_dir} has no input_level: measure it first")
+    if pair_dirs:
+        pairs, source = site_pet_pairs(list(pair_dirs))
+    else:
+        pairs, source = cached_pairs(data_cache, lambda: simulated_pet_pairs(
+            cases=cases, drfs=drfs, seed=seed, processes=processes, pet_mm=pet_mm or None))
+    if not str(data.get("trained_on", "")).startswith(source):
+        raise click.ClickException(
+            f"{model_dir} was not trained on these data: its trained_on is "
+            f"{data.get('trained_on')!r}, these are {source!r}")
+    (low, high), levels = training_input_level(pairs, start)
+    click.echo(f"{len(levels)} training inputs, activity level {min(levels):.4f}-"
+               f"{max(levels):.4f}" + (f", widened to {start_dir}'s {start[0]}-{start[1]}"
+                                       if start else "") + f": input_level [{low}, {high}]")
+    out: dict[str, Any] = {}
+    for key, value in data.items():  # input_level after normalisation, as train writes it
+        if key != "input_level":
+            out[key] = version if key == "version" and version else value
+        if key == "normalisation":
+            out["input_level"] = [low, high]
+    out.setdefault("input_level", [low, high])
+    Manifest.model_validate(out)  # validated before anything is written
+    manifest_path.write_text(yaml.safe_dump(out, sort_keys=False))
+    stats_path = model_dir / "training.json"
+    if stats_path.exists():
+        stats = json.loads(stats_path.read_text())
+        stats["input_levels"] = [round(lv, 4) for lv in levels]
+        stats_path.write_text(json.dumps(stats, indent=2))
+    click.echo(f"wrote {manifest_path}")
+
+
 # both training commands: validation phantoms are seeds N, N + 1, ... (checked against the
 # training and benchmark phantoms, training.validation_seeds_taken)
 validation_seed_option = click.option(

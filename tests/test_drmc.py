@@ -321,3 +321,58 @@ def test_input_outside_the_training_activity_range_is_scaled_into_it_and_back(tm
     np.testing.assert_allclose(out, faint, rtol=1e-5, atol=1e-6)  # back in the input's units
     with pytest.raises(ValidationError, match="input_level"):
         Manifest(name="m", version="1", trained_on="test", input_level=(0.0, 1.0))
+
+
+def test_models_input_level_writes_the_range_of_a_models_own_training_data(tmp_path) -> None:
+    """``models input-level`` gives a model trained before the range was recorded the range
+    ``train`` would have written, from its training data rebuilt (here: the cache), widened to
+    the start's with --start; the weights and sha256 stay, the version is the one asked for.
+    Data that is not what the manifest says the model was trained on is refused, unwritten."""
+    import hashlib
+    import subprocess
+    import sys
+
+    import yaml
+
+    from dicomnode.pipelines.pet_denoise import train
+    from dicomnode.training import save_pairs
+
+    small = {"channels": 8, "experts": 2, "blocks": 1, "heads": 2, "hidden": 4}
+    low, full, lesions = _validation_pair(0)
+    pairs = [(low, full, lesions), (low * 0.5, full * 0.5, lesions)]
+    train(output=tmp_path / "m", pairs=pairs, seconds=1, patch=16, batch=2, params=small,
+          trained_on="the first data, seed 0", version="0.1.0")
+    manifest_path = tmp_path / "m" / "manifest.yaml"
+    written = yaml.safe_load(manifest_path.read_text())
+    legacy = {k: v for k, v in written.items() if k != "input_level"}  # as 1.2.0 shipped
+    manifest_path.write_text(yaml.safe_dump(legacy, sort_keys=False))
+    save_pairs(tmp_path / "first.npz", pairs, "the first data")
+    save_pairs(tmp_path / "other.npz", pairs[:1], "other data")
+
+    def input_level(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dicomnode.cli", "models", "input-level",
+                               *args], capture_output=True, text=True, timeout=120)
+
+    r = input_level(str(tmp_path / "m"), "--data-cache", str(tmp_path / "other.npz"))
+    assert r.returncode == 1 and "not trained on these data" in r.stderr
+    assert yaml.safe_load(manifest_path.read_text()) == legacy
+    r = input_level(str(tmp_path / "m"), "--data-cache", str(tmp_path / "first.npz"),
+                    "--version", "0.1.1")
+    assert r.returncode == 0, r.stderr
+    now = yaml.safe_load(manifest_path.read_text())
+    assert now["input_level"] == written["input_level"]  # what training writes today
+    assert now["input_level"][0] < 0.6 < 1.0 < now["input_level"][1]  # both pairs' levels
+    assert now["version"] == "0.1.1"
+    assert {k: v for k, v in now.items() if k not in ("input_level", "version")} == {
+        k: v for k, v in legacy.items() if k != "version"}
+    assert now["sha256"] == hashlib.sha256((tmp_path / "m" / "model.pt").read_bytes()
+                                           ).hexdigest()
+    # a fine-tune measured on only the faint pair keeps what its start had seen
+    train(output=tmp_path / "t", pairs=pairs[1:], seconds=1, patch=16, batch=2, params=small,
+          trained_on="the first data, fine-tuned", version="0.2.0")
+    save_pairs(tmp_path / "faint.npz", pairs[1:], "the first data")
+    r = input_level(str(tmp_path / "t"), "--data-cache", str(tmp_path / "faint.npz"),
+                    "--start", str(tmp_path / "m"))
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load((tmp_path / "t" / "manifest.yaml").read_text())["input_level"] == (
+        now["input_level"])

@@ -111,6 +111,22 @@ def activity_level(suv: np.ndarray) -> float:
     return float(np.median(x[inside])) if inside.any() else 0.0
 
 
+def training_input_level(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+                         start: tuple[float, float] | None = None
+                         ) -> tuple[tuple[float, float], list[float]]:
+    """The manifest's ``input_level`` for weights trained on ``pairs`` (low-dose first): the
+    range of the low-dose images' ``activity_level`` (empty images left out), rounded outwards
+    to 3 decimals and widened to ``start``, the range of the weights it continued from; and
+    the levels. ValueError when no low-dose image has activity."""
+    levels = [lv for lv in (activity_level(lo) for lo, *_ in pairs) if lv > 0]
+    if not levels:
+        raise ValueError("no training pair has a positive low-dose image")
+    low, high = min(levels), max(levels)
+    if start is not None:
+        low, high = min(low, start[0]), max(high, start[1])
+    return (math.floor(low * 1000) / 1000, math.ceil(high * 1000) / 1000), levels
+
+
 def input_scale(model: LoadedModel, suv: np.ndarray) -> tuple[float, float]:
     """(factor, activity level): 1 where the model's manifest gives no ``input_level`` (the
     level is not computed then: NaN), the level lies inside it, or the image is empty; else
@@ -332,9 +348,9 @@ def train(
     if not usable:
         raise ValueError(f"no training pair is at least {patch} voxels in every direction")
     with_lesions = [u for u in usable if u[3] is not None]
-    levels = [lv for lv in (activity_level(lo) for lo, *_ in usable) if lv > 0]
-    if not levels:
-        raise ValueError("no training pair has a positive low-dose image")
+    # the activity levels the weights will have seen: the training inputs', and the start's
+    input_level, levels = training_input_level(
+        [(lo, fu, les) for lo, fu, les, _ in usable], before.get("input_level"))
     t0, losses, it = time.perf_counter(), [], 0
     checkpoints: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
@@ -393,11 +409,6 @@ def train(
     elif before:  # what the starting weights had learned is part of the model
         trained_on = (f"{trained_on}; fine-tuned from {before['name']} {before['version']} "
                       f"(trained on {before['trained_on']})")
-    # the activity levels the weights have seen: the training inputs', and the start's
-    low_level, high_level = min(levels), max(levels)
-    if before.get("input_level"):
-        low_level = min(low_level, before["input_level"][0])
-        high_level = max(high_level, before["input_level"][1])
     output.mkdir(parents=True, exist_ok=True)
     weights = output / "model.pt"
     torch.save(net.state_dict(), weights)
@@ -409,7 +420,7 @@ def train(
         "modality": "PT", "roi_size": [32, 32, 32], "overlap": 0.5,
         **({"spacing_mm": [spacing_mm] * 3} if spacing_mm else {}),
         "normalisation": {"kind": "none"},
-        "input_level": [math.floor(low_level * 1000) / 1000, math.ceil(high_level * 1000) / 1000],
+        "input_level": list(input_level),
         "weights": "model.pt", "sha256": sha, "trained_on": trained_on,
         "licence": "Apache-2.0 (weights trained by dicomnode's own command)",
     }
