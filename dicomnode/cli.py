@@ -470,12 +470,16 @@ def train() -> None:
                    "of them among --pairs.")
 @click.option("--validate-every", default=180.0, show_default=True,
               type=click.FloatRange(min=1.0), help="Seconds of training between checkpoints.")
+@click.option("--scale-augment", nargs=2, type=click.FloatRange(min=0.01), default=None,
+              help="LOW HIGH: multiply every training patch pair by a factor drawn "
+                   "log-uniform from this range (other activity levels than the data's).")
 def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], seconds: float,
                       pair_dirs: tuple[str, ...], seed: int, version: str,
                       processes: int, lesion_weight: float, init_dir: Path | None,
                       data_cache: Path | None, pet_mm: tuple[float, ...],
                       validation_cases: int, validation_seed: int,
-                      validation_dirs: tuple[str, ...], validate_every: float) -> None:
+                      validation_dirs: tuple[str, ...], validate_every: float,
+                      scale_augment: tuple[float, float] | None) -> None:
     """Train DRMC and write a model directory with its manifest (sha256, trained_on)."""
     from dicomnode.pipelines.pet_denoise import train as train_drmc
     from dicomnode.pipelines.pet_denoise import validation_windows
@@ -492,6 +496,9 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
         raise click.BadParameter("validation pairs go with --pairs (simulated training data "
                                  "validates on --validation-cases)",
                                  param_hint="--validation-pairs")
+    if scale_augment and scale_augment[0] > scale_augment[1]:
+        raise click.BadParameter(f"LOW {scale_augment[0]} above HIGH {scale_augment[1]}",
+                                 param_hint="--scale-augment")
     if set(validation_dirs) & set(pair_dirs):
         raise click.BadParameter(f"{sorted(set(validation_dirs) & set(pair_dirs))} also in "
                                  "--pairs", param_hint="--validation-pairs")
@@ -538,7 +545,8 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
                        seed=seed, version=version, lesion_weight=lesion_weight,
                        init=init_dir, validation=validation, validate_every=validate_every,
                        on_checkpoint=checkpoint,
-                       spacing_mm=grids[0] if not pair_dirs and len(grids) == 1 else None)
+                       spacing_mm=grids[0] if not pair_dirs and len(grids) == 1 else None,
+                       scale_augment=scale_augment or None)
     click.echo(f"trained {stats['iterations']} iterations in {stats['seconds']:.0f} s; "
                f"Charbonnier {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}")
     if stats.get("kept") is not None:

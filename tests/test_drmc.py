@@ -194,6 +194,8 @@ def test_train_pet_denoise_cli_refuses_bad_validation_before_simulating(tmp_path
     assert r.returncode == 2 and "also in --pairs" in r.stderr
     r = train("--pairs", "a:b", "--validation-cases", "2")
     assert r.returncode == 2 and "--validation-cases" in r.stderr
+    r = train("--scale-augment", "2", "0.5")
+    assert r.returncode == 2 and "--scale-augment" in r.stderr
     assert not (tmp_path / "m").exists()
 
 
@@ -212,7 +214,8 @@ def test_training_that_beats_nothing_hands_back_the_start_and_says_so(tmp_path) 
     pairs = [_validation_pair(0)]
     train(output=tmp_path / "start", pairs=pairs, seconds=2, patch=16, batch=2, params=small,
           trained_on="the first data", version="0.1.0")
-    stats = train(output=tmp_path / "m", pairs=pairs, seconds=3, patch=16, batch=2,
+    fainter = [(lo * 0.5, fu * 0.5, les) for lo, fu, les in pairs]  # a lower activity level
+    stats = train(output=tmp_path / "m", pairs=fainter, seconds=3, patch=16, batch=2,
                   params=small, trained_on="the second data", init=tmp_path / "start",
                   lr=0.0, validation=validation_windows([_validation_pair(1)],
                                                         random_per_pair=3),
@@ -225,6 +228,10 @@ def test_training_that_beats_nothing_hands_back_the_start_and_says_so(tmp_path) 
     assert trained_on.startswith("the first data (weights of start 0.1.0, unchanged")
     assert "the second data did not beat them" in trained_on
     assert "fine-tuned" not in trained_on
+    start_level = yaml.safe_load((tmp_path / "start" / "manifest.yaml").read_text())[
+        "input_level"]
+    assert yaml.safe_load((tmp_path / "m" / "manifest.yaml").read_text())["input_level"] == (
+        start_level)  # what the unchanged weights had seen, not widened by the new data
     # weights that did change: the manifest names both the new data and the start's
     train(output=tmp_path / "tuned", pairs=pairs, seconds=1, patch=16, batch=2, params=small,
           trained_on="the second data", init=tmp_path / "start")
@@ -376,3 +383,33 @@ def test_models_input_level_writes_the_range_of_a_models_own_training_data(tmp_p
     assert r.returncode == 0, r.stderr
     assert yaml.safe_load((tmp_path / "t" / "manifest.yaml").read_text())["input_level"] == (
         now["input_level"])
+
+
+def test_scale_augmentation_trains_on_scaled_patches_and_says_so(tmp_path) -> None:
+    """--scale-augment: patch pairs are multiplied by factors from the range (the loss of the
+    same untrained network on the same patches grows with them), the manifest's input_level
+    is the data's range times the factors', and trained_on says so. Without it, nothing of
+    either. A bad range is refused."""
+    import yaml
+
+    from dicomnode.pipelines.pet_denoise import activity_level, train
+
+    small = {"channels": 8, "experts": 2, "blocks": 1, "heads": 2, "hidden": 4}
+    pairs = [_validation_pair(0)]
+    level = activity_level(pairs[0][0])
+    common = {"pairs": pairs, "seconds": 1, "patch": 16, "batch": 2, "params": small,
+              "lr": 0.0, "trained_on": "the data"}
+    plain = train(output=tmp_path / "plain", **common)
+    four = train(output=tmp_path / "four", scale_augment=(4.0, 4.0), **common)
+    assert 2.5 < four["loss_first"] / plain["loss_first"] < 6  # the same patches, x4
+    assert four["scale_augment"] == [4.0, 4.0] and plain["scale_augment"] is None
+    wide = train(output=tmp_path / "wide", scale_augment=(0.5, 2.0), **common)
+    manifest = yaml.safe_load((tmp_path / "wide" / "manifest.yaml").read_text())
+    assert manifest["input_level"] == pytest.approx([level * 0.5, level * 2.0], abs=1e-3)
+    assert manifest["trained_on"] == ("the data, intensities scaled x0.5-2 (log-uniform per "
+                                      "patch)")
+    assert wide["iterations"] > 0
+    plain_manifest = yaml.safe_load((tmp_path / "plain" / "manifest.yaml").read_text())
+    assert plain_manifest["trained_on"] == "the data"
+    with pytest.raises(ValueError, match="scale_augment"):
+        train(output=tmp_path / "bad", scale_augment=(2.0, 1.0), **common)

@@ -112,16 +112,18 @@ def activity_level(suv: np.ndarray) -> float:
 
 
 def training_input_level(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
-                         start: tuple[float, float] | None = None
+                         start: tuple[float, float] | None = None,
+                         scale: tuple[float, float] = (1.0, 1.0)
                          ) -> tuple[tuple[float, float], list[float]]:
     """The manifest's ``input_level`` for weights trained on ``pairs`` (low-dose first): the
-    range of the low-dose images' ``activity_level`` (empty images left out), rounded outwards
-    to 3 decimals and widened to ``start``, the range of the weights it continued from; and
-    the levels. ValueError when no low-dose image has activity."""
+    range of the low-dose images' ``activity_level`` (empty images left out) times the
+    range of the intensity ``scale`` applied in training, rounded outwards to 3 decimals and
+    widened to ``start``, the range of the weights it continued from; and the levels.
+    ValueError when no low-dose image has activity."""
     levels = [lv for lv in (activity_level(lo) for lo, *_ in pairs) if lv > 0]
     if not levels:
         raise ValueError("no training pair has a positive low-dose image")
-    low, high = min(levels), max(levels)
+    low, high = min(levels) * scale[0], max(levels) * scale[1]
     if start is not None:
         low, high = min(low, start[0]), max(high, start[1])
     return (math.floor(low * 1000) / 1000, math.ceil(high * 1000) / 1000), levels
@@ -303,7 +305,7 @@ def train(
     lesion_fraction: float = 0.5, lesion_weight: float = 1.0, init: Path | None = None,
     validation: list[ValidationWindow] | None = None, validate_every: float = 180.0,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
-    spacing_mm: float | None = None,
+    spacing_mm: float | None = None, scale_augment: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Train DRMC on (low, full, lesion labels or None) SUV pairs and write ``output``
     (manifest + weights).
@@ -326,6 +328,11 @@ def train(
     manifest, where the pipeline's choice of model by voxel size reads it. The manifest's
     ``input_level`` is the range of the low-dose inputs' ``activity_level`` (with ``init``,
     widened to the start's).
+
+    ``scale_augment`` (low, high): every patch pair is multiplied by its own factor drawn
+    log-uniform from that range, so that the network meets each anatomy at other activity
+    levels (a scanner's SUVs can sit at half the twin's: README, "Why Philips is worse");
+    ``input_level`` and ``trained_on`` say so.
     """
     import hashlib
 
@@ -335,6 +342,10 @@ def train(
     from dicomnode.pipelines.drmc import DRMCConfig, charbonnier, drmc_from_params
 
     params = params or {"channels": 16, "experts": 3, "blocks": 2, "heads": 4, "hidden": 8}
+    if scale_augment is not None and not 0 < scale_augment[0] <= scale_augment[1]:
+        raise ValueError(f"scale_augment must be (low, high) with 0 < low <= high, not "
+                         f"{scale_augment}")
+    log_scale = None if scale_augment is None else np.log(np.asarray(scale_augment))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = drmc_from_params(**params)
@@ -349,8 +360,10 @@ def train(
         raise ValueError(f"no training pair is at least {patch} voxels in every direction")
     with_lesions = [u for u in usable if u[3] is not None]
     # the activity levels the weights will have seen: the training inputs', and the start's
+    input_level: tuple[float, float] | None
     input_level, levels = training_input_level(
-        [(lo, fu, les) for lo, fu, les, _ in usable], before.get("input_level"))
+        [(lo, fu, les) for lo, fu, les, _ in usable], before.get("input_level"),
+        scale_augment or (1.0, 1.0))
     t0, losses, it = time.perf_counter(), [], 0
     checkpoints: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
@@ -384,8 +397,9 @@ def train(
             lo, fu, les, where = (with_lesions if on_lesion else usable)[
                 int(rng.integers(len(with_lesions if on_lesion else usable)))]
             sl = draw_patch(rng, lo.shape, patch, where if on_lesion else None)
-            xs.append(lo[sl] / SCALE)
-            ys.append(fu[sl] / SCALE)
+            k = 1.0 if log_scale is None else float(np.exp(rng.uniform(*log_scale)))
+            xs.append(lo[sl] * (k / SCALE))
+            ys.append(fu[sl] * (k / SCALE))
             ws.append(np.where(les[sl] > 0, lesion_weight, 1.0) if les is not None
                       else np.ones((patch,) * 3))
         x = torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
@@ -401,8 +415,13 @@ def train(
         check()
         if best is not None:
             net.load_state_dict(best["state"])
-    if before and best is not None and best["point"]["iteration"] == 0:
-        # the starting weights, unchanged: the manifest says what trained those
+    if scale_augment is not None:
+        trained_on = (f"{trained_on}, intensities scaled x{scale_augment[0]:g}-"
+                      f"{scale_augment[1]:g} (log-uniform per patch)")
+    unchanged = bool(before) and best is not None and best["point"]["iteration"] == 0
+    if unchanged:
+        # the starting weights: the manifest says what trained those, and their range
+        input_level = before.get("input_level")
         trained_on = (f"{before['trained_on']} (weights of {before['name']} "
                       f"{before['version']}, unchanged: {it} iterations more on "
                       f"{trained_on} did not beat them on validation)")
@@ -420,7 +439,7 @@ def train(
         "modality": "PT", "roi_size": [32, 32, 32], "overlap": 0.5,
         **({"spacing_mm": [spacing_mm] * 3} if spacing_mm else {}),
         "normalisation": {"kind": "none"},
-        "input_level": list(input_level),
+        **({"input_level": list(input_level)} if input_level else {}),
         "weights": "model.pt", "sha256": sha, "trained_on": trained_on,
         "licence": "Apache-2.0 (weights trained by dicomnode's own command)",
     }
@@ -430,6 +449,7 @@ def train(
         "lesion_fraction": lesion_fraction if with_lesions else 0.0,
         "lesion_weight": lesion_weight, "initialised_from": str(init) if init else None,
         "pairs": len(usable), "input_levels": [round(lv, 4) for lv in levels],
+        "scale_augment": list(scale_augment) if scale_augment else None,
         "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:]))}
     if validation:
         stats.update({"validation_windows": len(validation), "validation_seconds": validation_s,
