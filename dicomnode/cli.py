@@ -473,13 +473,18 @@ def train() -> None:
 @click.option("--scale-augment", nargs=2, type=click.FloatRange(min=0.01), default=None,
               help="LOW HIGH: multiply every training patch pair by a factor drawn "
                    "log-uniform from this range (other activity levels than the data's).")
+@click.option("--count-scale", nargs=2, type=click.FloatRange(min=0.01), default=None,
+              help="LOW HIGH: simulated cases (training and validation alike) acquire "
+                   "LOW to HIGH times the counts, log-spaced across the cases (other noise "
+                   "levels than the twin's default).")
 def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], seconds: float,
                       pair_dirs: tuple[str, ...], seed: int, version: str,
                       processes: int, lesion_weight: float, init_dir: Path | None,
                       data_cache: Path | None, pet_mm: tuple[float, ...],
                       validation_cases: int, validation_seed: int,
                       validation_dirs: tuple[str, ...], validate_every: float,
-                      scale_augment: tuple[float, float] | None) -> None:
+                      scale_augment: tuple[float, float] | None,
+                      count_scale: tuple[float, float] | None) -> None:
     """Train DRMC and write a model directory with its manifest (sha256, trained_on)."""
     from dicomnode.pipelines.pet_denoise import train as train_drmc
     from dicomnode.pipelines.pet_denoise import validation_windows
@@ -499,6 +504,12 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
     if scale_augment and scale_augment[0] > scale_augment[1]:
         raise click.BadParameter(f"LOW {scale_augment[0]} above HIGH {scale_augment[1]}",
                                  param_hint="--scale-augment")
+    if count_scale and count_scale[0] > count_scale[1]:
+        raise click.BadParameter(f"LOW {count_scale[0]} above HIGH {count_scale[1]}",
+                                 param_hint="--count-scale")
+    if count_scale and pair_dirs:
+        raise click.BadParameter("a site's own pairs have the counts they were acquired with",
+                                 param_hint="--count-scale")
     if set(validation_dirs) & set(pair_dirs):
         raise click.BadParameter(f"{sorted(set(validation_dirs) & set(pair_dirs))} also in "
                                  "--pairs", param_hint="--validation-pairs")
@@ -515,7 +526,8 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
         pairs, source = site_pet_pairs(list(pair_dirs))
     else:
         pairs, source = cached_pairs(data_cache, lambda: simulated_pet_pairs(
-            cases=cases, drfs=drfs, seed=seed, processes=processes, pet_mm=pet_mm or None))
+            cases=cases, drfs=drfs, seed=seed, processes=processes, pet_mm=pet_mm or None,
+            count_scale=count_scale or None))
     click.echo(f"{len(pairs)} training pairs: {source}")
     validation = None
     if validation_dirs:
@@ -525,7 +537,8 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
             None if data_cache is None
             else data_cache.with_name(f"{data_cache.stem}-validation.npz"),
             lambda: simulated_pet_pairs(cases=validation_cases, drfs=drfs, seed=validation_seed,
-                                        processes=processes, pet_mm=pet_mm or None, lidc=False))
+                                        processes=processes, pet_mm=pet_mm or None, lidc=False,
+                                        count_scale=count_scale or None))
     if validation_dirs or validation_cases:
         validation = validation_windows(held, seed=seed)
         click.echo(f"{len(held)} validation pairs ({len(validation)} windows): {held_source}")

@@ -79,7 +79,8 @@ def _training_cts(cases: int, *, seed: int, lidc_step: int,
 
 def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
                         z_window_mm: float = 320.0, processes: int = 1,
-                        pet_mm: tuple[float, ...] | None = None, lidc: bool = True
+                        pet_mm: tuple[float, ...] | None = None, lidc: bool = True,
+                        count_scale: tuple[float, float] | None = None
                         ) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], str]:
     """(low-dose SUV, full-dose SUV, lesion labels) from the twin, and a description.
 
@@ -92,11 +93,26 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
     2-4 mm voxels, and a network trained on one voxel size does not carry over to another
     (docs/pet-experiments.md: the 4 mm-only model loses to a Gaussian filter on a 2 mm grid).
     ``lidc=False``: phantoms only (validation cases).
+
+    ``count_scale`` (low, high): each case's frame time, so its counts at every dose level,
+    times a factor log-spaced from low to high across the cases, in an order shuffled by the
+    seed (every other draw is the same as without it). The dose and sensitivity ranges alone
+    give 2 mm low-dose inputs of about 0.2-9 counts per object voxel, where a real phantom
+    made low dose by ``simulate lowdose`` has 6-14 and a network trained on the former
+    smooths the latter like a noisier image (docs/pet-experiments.md, session 13).
     """
     pet_mm = (PET_MM,) if pet_mm is None else pet_mm
     if not pet_mm or min(pet_mm) <= 0:
         raise ValueError(f"pet_mm must hold positive voxel sizes, not {pet_mm}")
     rng = np.random.default_rng(seed)
+    frames = np.full(cases, 120.0)
+    if count_scale is not None:
+        low_c, high_c = count_scale
+        if not 0 < low_c <= high_c:
+            raise ValueError(f"count_scale must be (low, high) with 0 < low <= high, not "
+                             f"{count_scale}")
+        factors = np.geomspace(low_c, high_c, cases) if cases > 1 else np.array([low_c])
+        frames = 120.0 * np.random.default_rng(seed + 104_729).permutation(factors)
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
     sources = []
     for i, ct in enumerate(_training_cts(cases, seed=seed, lidc_step=2,
@@ -104,7 +120,8 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
         twin = simulate_pet(ct.hu, ct.spacing, drfs=drfs, seed=seed + i, angles=64,
                             pet_mm=pet_mm[i % len(pet_mm)], dose_mbq=float(rng.uniform(150, 400)),
                             sensitivity_cps_per_mbq=float(rng.uniform(1000, 4000)),
-                            fwhm_mm=float(rng.uniform(4.5, 6.5)), lesions=int(rng.integers(3, 9)),
+                            frame_s=float(frames[i]), fwhm_mm=float(rng.uniform(4.5, 6.5)),
+                            lesions=int(rng.integers(3, 9)),
                             radius_mm=(4.0, 15.0), contrast=(2.0, 10.0), organs=ct.organs,
                             processes=processes, postfilter_mm=float(rng.uniform(3.0, 6.0)))
         for low in twin.low.values():
@@ -114,7 +131,10 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
             f"({', '.join(sorted(set(sources)))}), DRF {', '.join(map(str, drfs))}, OSEM "
             f"post-filtered 3-6 mm, seed {seed}"
             + ("" if tuple(pet_mm) == (PET_MM,) else
-               f", PET grids {' / '.join(f'{m:g}' for m in pet_mm)} mm"))
+               f", PET grids {' / '.join(f'{m:g}' for m in pet_mm)} mm")
+            + ("" if count_scale is None else
+               f", acquisition counts x{count_scale[0]:g}-{count_scale[1]:g} across cases "
+               "(frame time)"))
     return pairs, desc
 
 

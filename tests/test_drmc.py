@@ -196,6 +196,10 @@ def test_train_pet_denoise_cli_refuses_bad_validation_before_simulating(tmp_path
     assert r.returncode == 2 and "--validation-cases" in r.stderr
     r = train("--scale-augment", "2", "0.5")
     assert r.returncode == 2 and "--scale-augment" in r.stderr
+    r = train("--count-scale", "16", "1")
+    assert r.returncode == 2 and "--count-scale" in r.stderr
+    r = train("--pairs", "a:b", "--count-scale", "1", "16")
+    assert r.returncode == 2 and "--count-scale" in r.stderr
     assert not (tmp_path / "m").exists()
 
 
