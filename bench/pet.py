@@ -25,7 +25,12 @@ models.
 Times are CPU seconds per case on this machine. Results: bench/results/pet.json.
 Run: ``.venv/bin/python -m bench.pet``; candidate DRMC models:
 ``--denoise-model DIR [--denoise-model DIR2] --out FILE`` (pet-denoise rows only, into FILE;
-with several, each case goes to the one chosen by voxel size, as in the pipeline).
+with several, each case goes to the one chosen by voxel size, as in the pipeline);
+the real phantoms at other noise levels: ``--real-counts C [C ...] --out FILE`` (the expected
+counts per slice ``lowdose_from_pet`` gives each slice before thinning, default 2e5; only the
+real phantoms run). Real-phantom rows carry ``counts_per_object_voxel``: the low-dose counts
+per voxel of the object (smoothed reference above 10 % of its maximum), the measure the
+twin's cases are compared by (docs/pet-experiments.md).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ MIN_LESION_VOXELS = 16
 # chosen on 500-501); one case takes about 1 min on 2 cores (each model over its own districts
 # only, in 32^3 patches, stride 16)
 CT2PET_SEEDS = BENCH_PHANTOM_SEEDS[:3]
+REAL_COUNTS_PER_SLICE = 2e5  # lowdose_from_pet's default: the real raw counts are not in DICOM
 SHIPPED_CT2PET_SAW = {**{s: "trained" for s in range(1, 6)}, 500: "chosen", 501: "chosen"}
 warnings.simplefilter("ignore")
 
@@ -162,6 +168,10 @@ def main() -> None:
                              "does); only pet-denoise runs, and its rows go to --out")
     parser.add_argument("--out", type=Path, default=RESULTS.parent / "pet-candidate.json",
                         help="results file of a --ct2pet-model or --denoise-model run")
+    parser.add_argument("--real-counts", type=float, nargs="+", default=None,
+                        help="counts per slice of the real phantoms' simulated low dose "
+                             f"(default {REAL_COUNTS_PER_SLICE:g}); only the real phantoms "
+                             "run, and their rows go to --out")
     parser.add_argument("--ct2pet-seeds", type=int, nargs="+", default=list(CT2PET_SEEDS),
                         help="held-out whole-body phantom seeds for ct2pet (not 1-5, 500-501: training, choice)")
     args = parser.parse_args()
@@ -207,15 +217,17 @@ def main() -> None:
                        else [load_entry(d) for d in args.denoise_model])
     drmcs = [load_network(e, device="cpu") for e in denoise_entries]
     out: dict[str, object] = {"benchmark": "pet", "device": "cpu", "cpus": os.cpu_count()}
-    if args.denoise_model is not None:
+    if args.denoise_model is not None or args.real_counts is not None:
         args.only = "pet-denoise"
+    if args.denoise_model is not None:
         out["model"] = "; ".join(f"{d} ({e.manifest.name} {e.manifest.version}: "
                                  f"{e.manifest.trained_on})"
                                  for d, e in zip(args.denoise_model, denoise_entries, strict=True))
     rows = []
 
     def evaluate(case: str, drf: int, low: np.ndarray, ref: np.ndarray, spacing: tuple,
-                 lesions: np.ndarray | None, truth: np.ndarray | None = None) -> None:
+                 lesions: np.ndarray | None, truth: np.ndarray | None = None,
+                 extra: dict | None = None) -> None:
         t0 = time.perf_counter()
         drmc = choose_model(drmcs, spacing)
         scale, _ = input_scale(drmc, low)
@@ -224,7 +236,7 @@ def main() -> None:
         for method, img in (("low-dose", low), ("gaussian 5mm", gaussian_fwhm(low, spacing, 5.0)),
                             ("DRMC", enhanced)):
             row = {"case": case, "drf": drf, "method": method, "psnr": psnr(img, ref),
-                   "ssim": ssim3d(img, ref)}
+                   "ssim": ssim3d(img, ref), **(extra or {})}
             if lesions is not None:
                 row.update(lesion_bias(img, ref, lesions))
             if lesions is not None and truth is not None:
@@ -250,18 +262,27 @@ def main() -> None:
     out.update({k: v for k, v in previous.items() if k in ("pet_denoise", "ct2pet")})
     names = () if args.only == "ct2pet" else ("philips-gemini-ctac", "ge-advance-bigendian",
                                               "ge-signa-petmr-fdg")
-    for name in names:
+    for name, counts in ((n, c) for n in names
+                         for c in args.real_counts or (REAL_COUNTS_PER_SLICE,)):
         src = sorted(p for p in (DATA / "pet" / name).iterdir() if p.is_file())
         ref_vol = load_series(src)
         ref, factor, _ = to_suv(ref_vol)
+        ref = np.clip(ref, 0, None)
+        obj = gaussian_fwhm(ref, ref_vol.spacing, 8.0) > 0.1 * ref.max()
+        slices_with_object = int(np.count_nonzero(obj.sum(axis=(1, 2))))
         for drf in (4, 10):
-            folder = WORK / f"{name}-drf{drf}-postfilter{POSTFILTER_MM:g}mm-{twin_code}"
+            folder = WORK / (f"{name}-drf{drf}-postfilter{POSTFILTER_MM:g}mm-{twin_code}"
+                             + ("" if counts == REAL_COUNTS_PER_SLICE else f"-counts{counts:g}"))
             if not folder.exists():
-                lowdose_from_pet(src, folder, drf=drf, seed=7, postfilter_mm=POSTFILTER_MM)
+                lowdose_from_pet(src, folder, drf=drf, seed=7, postfilter_mm=POSTFILTER_MM,
+                                 counts_per_slice=counts)
             low = load_series(sorted(folder.iterdir())).array * factor
-            evaluate(f"real phantom {name}", drf, low, np.clip(ref, 0, None),
-                     ref_vol.spacing, None)
-    for seed, window, pet_mm in () if args.only == "ct2pet" else SIMULATED_DENOISE:
+            density = counts / drf * slices_with_object / max(int(obj.sum()), 1)
+            evaluate(f"real phantom {name}", drf, low, ref, ref_vol.spacing, None,
+                     extra={"counts_per_slice": counts,
+                            "counts_per_object_voxel": round(density, 3)})
+    for seed, window, pet_mm in (() if args.only == "ct2pet" or args.real_counts is not None
+                                 else SIMULATED_DENOISE):
         cache = WORK / (f"twin-seed{seed}-z{window[0]:.0f}-{window[1]:.0f}-{pet_mm:g}mm-"
                         f"{twin_code}.npz")
         if cache.exists():
@@ -284,10 +305,12 @@ def main() -> None:
             evaluate(f"simulated whole-body seed {seed} z {window[0]:.0f}-{window[1]:.0f} mm"
                      + ("" if pet_mm == PET_MM else f", {pet_mm:g} mm grid"),
                      drf, low, twin.full, twin.spacing, twin.lesions, twin.truth)
-    if args.denoise_model is not None:
+    if args.denoise_model is not None or args.real_counts is not None:
         out["pet_denoise"] = rows
         out["command"] = ("python -m bench.pet "
-                          + "".join(f"--denoise-model {d} " for d in args.denoise_model)
+                          + "".join(f"--denoise-model {d} " for d in args.denoise_model or ())
+                          + ("" if args.real_counts is None else
+                             f"--real-counts {' '.join(f'{c:g}' for c in args.real_counts)} ")
                           + f"--out {args.out}")
         write_json(args.out, out)
         return
