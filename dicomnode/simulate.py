@@ -185,8 +185,14 @@ def osem(sino: np.ndarray, angles: np.ndarray, shape: tuple[int, int], *, iterat
             for g in groups]
     for _ in range(iterations):
         for g, s in zip(groups, sens, strict=True):
-            expected = np.maximum(project(x, angles[g]), 1e-9)
-            x *= backproject(sino[g] / expected, angles[g], shape) / s
+            expected = project(x, angles[g])
+            # a count on a ray whose estimate has gone to zero cannot be explained by this
+            # image: it updates nothing (a ratio against a clamped 1e-9 reached pixels off the
+            # ray through the rotation back-projector and wrote values up to 1e9 on sparse
+            # data, docs/pet-experiments.md session 13)
+            ratio = np.divide(sino[g], expected, out=np.zeros_like(expected),
+                              where=expected > 1e-9)
+            x *= backproject(ratio, angles[g], shape) / s
     return x
 
 
