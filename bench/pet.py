@@ -262,15 +262,15 @@ def main() -> None:
     out.update({k: v for k, v in previous.items() if k in ("pet_denoise", "ct2pet")})
     names = () if args.only == "ct2pet" else ("philips-gemini-ctac", "ge-advance-bigendian",
                                               "ge-signa-petmr-fdg")
-    for name, counts in ((n, c) for n in names
-                         for c in args.real_counts or (REAL_COUNTS_PER_SLICE,)):
+    for name in names:  # the reference read once, made low dose at every count level asked
         src = sorted(p for p in (DATA / "pet" / name).iterdir() if p.is_file())
         ref_vol = load_series(src)
         ref, factor, _ = to_suv(ref_vol)
         ref = np.clip(ref, 0, None)
         obj = gaussian_fwhm(ref, ref_vol.spacing, 8.0) > 0.1 * ref.max()
         slices_with_object = int(np.count_nonzero(obj.sum(axis=(1, 2))))
-        for drf in (4, 10):
+        for counts, drf in ((c, d) for c in args.real_counts or (REAL_COUNTS_PER_SLICE,)
+                            for d in (4, 10)):
             folder = WORK / (f"{name}-drf{drf}-postfilter{POSTFILTER_MM:g}mm-{twin_code}"
                              + ("" if counts == REAL_COUNTS_PER_SLICE else f"-counts{counts:g}"))
             if not folder.exists():

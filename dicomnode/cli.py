@@ -501,12 +501,10 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
         raise click.BadParameter("validation pairs go with --pairs (simulated training data "
                                  "validates on --validation-cases)",
                                  param_hint="--validation-pairs")
-    if scale_augment and scale_augment[0] > scale_augment[1]:
-        raise click.BadParameter(f"LOW {scale_augment[0]} above HIGH {scale_augment[1]}",
-                                 param_hint="--scale-augment")
-    if count_scale and count_scale[0] > count_scale[1]:
-        raise click.BadParameter(f"LOW {count_scale[0]} above HIGH {count_scale[1]}",
-                                 param_hint="--count-scale")
+    for option, bounds in (("--scale-augment", scale_augment), ("--count-scale", count_scale)):
+        if bounds and bounds[0] > bounds[1]:
+            raise click.BadParameter(f"LOW {bounds[0]} above HIGH {bounds[1]}",
+                                     param_hint=option)
     if count_scale and pair_dirs:
         raise click.BadParameter("a site's own pairs have the counts they were acquired with",
                                  param_hint="--count-scale")

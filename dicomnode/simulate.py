@@ -41,6 +41,7 @@ from scipy import ndimage as ndi
 from dicomnode.write.pet import F18_HALF_LIFE_S
 
 __all__ = [
+    "FRAME_S",
     "ORGAN_SUV",
     "PET_MM",
     "POSTFILTER_MM",
@@ -63,6 +64,7 @@ UPTAKE_S = 3600.0  # injection to scan
 # the noise-free activity's)
 POSTFILTER_MM = 4.0
 PET_MM = 4.0  # the twin's default PET voxel size (scanners write 2-4 mm)
+FRAME_S = 120.0  # the twin's default acquisition time per bed position
 PATIENT_ML = 75_000.0  # SUV 1 everywhere in a 75 kg patient holds the whole dose
 UPTAKE = {"lung": 0.5, "adipose": 0.35, "soft_tissue": 1.0, "marrow": 1.6, "cortical": 0.6}
 # SUVbw ranges of normal FDG uptake, one value drawn per case (adult, 60 min after injection)
@@ -188,7 +190,7 @@ def osem(sino: np.ndarray, angles: np.ndarray, shape: tuple[int, int], *, iterat
             expected = project(x, angles[g])
             # a count on a ray whose estimate has gone to zero cannot be explained by this
             # image: it updates nothing (a ratio against a clamped 1e-9 reached pixels off the
-            # ray through the rotation back-projector and wrote values up to 1e9 on sparse
+            # ray through the rotation back-projector and wrote values of order 1e9 on sparse
             # data, docs/pet-experiments.md session 13)
             ratio = np.divide(sino[g], expected, out=np.zeros_like(expected),
                               where=expected > 1e-9)
@@ -253,7 +255,7 @@ def _osem_slice(args: tuple[np.ndarray, np.ndarray, tuple[int, int], int, int]) 
 def simulate_pet(
     hu: np.ndarray, spacing: tuple[float, float, float], *, drfs: tuple[int, ...] = (4, 10),
     seed: int = 0, pet_mm: float = PET_MM, fwhm_mm: float = 5.5, dose_mbq: float = 300.0,
-    frame_s: float = 120.0, sensitivity_cps_per_mbq: float = 2000.0, angles: int = 96,
+    frame_s: float = FRAME_S, sensitivity_cps_per_mbq: float = 2000.0, angles: int = 96,
     iterations: int = 3, subsets: int = 8, lesions: int = 4,
     radius_mm: tuple[float, float] = (5.0, 12.0), contrast: tuple[float, float] = (3.0, 8.0),
     masks: dict[str, np.ndarray] | None = None, organs: dict[str, np.ndarray] | None = None,

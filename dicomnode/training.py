@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicomnode.simulate import PET_MM, pet_truth, simulate_pet
+from dicomnode.simulate import FRAME_S, PET_MM, pet_truth, simulate_pet
 
 __all__ = [
     "BENCH_PHANTOM_SEEDS",
@@ -97,22 +97,22 @@ def simulated_pet_pairs(*, cases: int, drfs: tuple[int, ...], seed: int = 0,
     ``count_scale`` (low, high): each case's frame time, so its counts at every dose level,
     times a factor log-spaced from low to high across the cases, in an order shuffled by the
     seed (every other draw is the same as without it). The dose and sensitivity ranges alone
-    give 2 mm low-dose inputs of about 0.2-9 counts per object voxel, where a real phantom
-    made low dose by ``simulate lowdose`` has 6-14 and a network trained on the former
+    give 2 mm low-dose inputs of about 0.2-9 counts per object voxel, where the bench's real
+    phantoms made low dose by ``simulate lowdose`` have 2.4-14 and a network trained on the former
     smooths the latter like a noisier image (docs/pet-experiments.md, session 13).
     """
     pet_mm = (PET_MM,) if pet_mm is None else pet_mm
     if not pet_mm or min(pet_mm) <= 0:
         raise ValueError(f"pet_mm must hold positive voxel sizes, not {pet_mm}")
     rng = np.random.default_rng(seed)
-    frames = np.full(cases, 120.0)
+    frames = np.full(cases, FRAME_S)
     if count_scale is not None:
         low_c, high_c = count_scale
         if not 0 < low_c <= high_c:
             raise ValueError(f"count_scale must be (low, high) with 0 < low <= high, not "
                              f"{count_scale}")
         factors = np.geomspace(low_c, high_c, cases) if cases > 1 else np.array([low_c])
-        frames = 120.0 * np.random.default_rng(seed + 104_729).permutation(factors)
+        frames = FRAME_S * np.random.default_rng(seed + 104_729).permutation(factors)
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
     sources = []
     for i, ct in enumerate(_training_cts(cases, seed=seed, lidc_step=2,
