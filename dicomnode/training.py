@@ -185,9 +185,9 @@ def simulated_ct2pet_cases(*, cases: int, seed: int = 0, lidc: bool = True
                  f"(phantom seeds {phantom_seeds(cases=cases, seed=seed, lidc=lidc)})")
 
 
-# whole-body phantom seeds bench/pet measures ct2pet on (1000-1002, then 1003/1004 to confirm):
-# `train ct2pet` refuses to validate on them
-BENCH_PHANTOM_SEEDS = (1000, 1001, 1002, 1003, 1004)
+# whole-body phantom seeds bench/pet measures on (ct2pet: 1000-1002, then 1003/1004 to confirm;
+# pet-denoise: 1000-1002 and 1005-1010): the training commands refuse to validate on them
+BENCH_PHANTOM_SEEDS = tuple(range(1000, 1011))
 
 
 def validation_seeds_taken(*, cases: int, seed: int, validation_seed: int,
