@@ -226,9 +226,15 @@ def main() -> None:
                         help="counts per slice of the real phantoms' simulated low dose "
                              f"(default {REAL_COUNTS_PER_SLICE:g}); only the real phantoms "
                              "run, and their rows go to --out")
+    parser.add_argument("--grid", type=float, action="append", default=None,
+                        help="with --denoise-model: only the simulated cases on this PET grid "
+                             "in mm (repeated: several), no real phantoms; a quicker screen "
+                             "of a candidate, not the benchmark")
     parser.add_argument("--ct2pet-seeds", type=int, nargs="+", default=list(CT2PET_SEEDS),
                         help="held-out whole-body phantom seeds for ct2pet (not 1-5, 500-501: training, choice)")
     args = parser.parse_args()
+    if args.grid and args.denoise_model is None:
+        parser.error("--grid screens a --denoise-model candidate; the benchmark runs every case")
     from dicomnode import phantom, simulate, simulate_io
     from dicomnode.models import load_entry, load_network, scan_models
     from dicomnode.phantom import whole_body
@@ -314,7 +320,7 @@ def main() -> None:
                 if args.only and args.denoise_model is None and RESULTS.exists() else {})
     out.update({k: v for k, v in previous.items()
                 if k in ("pet_denoise", "pet_denoise_lesions", "ct2pet")})
-    names = () if args.only == "ct2pet" else ("philips-gemini-ctac", "ge-advance-bigendian",
+    names = () if args.only == "ct2pet" or args.grid else ("philips-gemini-ctac", "ge-advance-bigendian",
                                               "ge-signa-petmr-fdg")
     for name in names:  # the reference read once, made low dose at every count level asked
         src = sorted(p for p in (DATA / "pet" / name).iterdir() if p.is_file())
@@ -336,7 +342,8 @@ def main() -> None:
                      extra={"counts_per_slice": counts,
                             "counts_per_object_voxel": round(density, 3)})
     for seed, window, pet_mm in (() if args.only == "ct2pet" or args.real_counts is not None
-                                 else SIMULATED_DENOISE):
+                                 else [c for c in SIMULATED_DENOISE
+                                       if not args.grid or c[2] in args.grid]):
         cache = WORK / (f"twin-seed{seed}-z{window[0]:.0f}-{window[1]:.0f}-{pet_mm:g}mm-"
                         f"{twin_code}.npz")
         if cache.exists():
@@ -367,6 +374,7 @@ def main() -> None:
         out["pet_denoise"] = rows
         out["command"] = ("python -m bench.pet "
                           + "".join(f"--denoise-model {d} " for d in args.denoise_model or ())
+                          + "".join(f"--grid {g:g} " for g in args.grid or ())
                           + ("" if args.real_counts is None else
                              f"--real-counts {' '.join(f'{c:g}' for c in args.real_counts)} ")
                           + f"--out {args.out}")

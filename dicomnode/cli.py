@@ -477,6 +477,16 @@ def train() -> None:
               help="LOW HIGH: simulated cases (training and validation alike) acquire "
                    "LOW to HIGH times the counts, log-spaced across the cases (other noise "
                    "levels than the twin's default).")
+@click.option("--peak-weight", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="Add this times each lesion's relative SUVmax error against the full-dose "
+                   "image (a Charbonnier of it) to the loss (0: Charbonnier only, as DRMC).")
+@click.option("--select", type=click.Choice(["psnr", "b_max"]), default="psnr",
+              show_default=True,
+              help="Validation checkpoint to keep: psnr, the best PSNR among those with no "
+                   "higher lesion SUVmax bias than the start; b_max, the lowest SUVmax bias "
+                   "among those within --psnr-slack dB of the start's PSNR.")
+@click.option("--psnr-slack", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="With --select b_max: validation PSNR that may be given up, in dB.")
 def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], seconds: float,
                       pair_dirs: tuple[str, ...], seed: int, version: str,
                       processes: int, lesion_weight: float, init_dir: Path | None,
@@ -484,7 +494,8 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
                       validation_cases: int, validation_seed: int,
                       validation_dirs: tuple[str, ...], validate_every: float,
                       scale_augment: tuple[float, float] | None,
-                      count_scale: tuple[float, float] | None) -> None:
+                      count_scale: tuple[float, float] | None, peak_weight: float,
+                      select: str, psnr_slack: float) -> None:
     """Train DRMC and write a model directory with its manifest (sha256, trained_on)."""
     from dicomnode.pipelines.pet_denoise import train as train_drmc
     from dicomnode.pipelines.pet_denoise import validation_windows
@@ -511,6 +522,12 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
     if set(validation_dirs) & set(pair_dirs):
         raise click.BadParameter(f"{sorted(set(validation_dirs) & set(pair_dirs))} also in "
                                  "--pairs", param_hint="--validation-pairs")
+    if select == "b_max" and not (validation_cases or validation_dirs):
+        raise click.BadParameter("the SUVmax bias is scored on validation data: give "
+                                 "--validation-cases or --validation-pairs",
+                                 param_hint="--select")
+    if psnr_slack and select != "b_max":
+        raise click.BadParameter("goes with --select b_max", param_hint="--psnr-slack")
     if pair_dirs and validation_cases:
         raise click.BadParameter("with --pairs, validate on --validation-pairs",
                                  param_hint="--validation-cases")
@@ -542,8 +559,13 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
         click.echo(f"{len(held)} validation pairs ({len(validation)} windows): {held_source}")
         held_what = ("site pairs" if validation_dirs else "twin phantom seeds "
                      f"{validation_seed}-{validation_seed + validation_cases - 1}")
-        source += (f"; checkpoint chosen by PSNR and lesion SUVmax bias on {len(held)} "
-                   f"validation pairs ({held_what})")
+        source += ((f"; checkpoint chosen by PSNR and lesion SUVmax bias on {len(held)} "
+                    if select == "psnr" else
+                    f"; checkpoint chosen by lowest lesion SUVmax bias within {psnr_slack:g} dB "
+                    f"of the start's PSNR on {len(held)} ")
+                   + f"validation pairs ({held_what})")
+    if peak_weight:
+        source += f"; loss: Charbonnier + {peak_weight:g} x lesion SUVmax error"
 
     def checkpoint(point: dict[str, Any]) -> None:
         click.echo(f"checkpoint at {point['seconds']:.0f} s, iteration {point['iteration']}: "
@@ -557,7 +579,8 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
                        init=init_dir, validation=validation, validate_every=validate_every,
                        on_checkpoint=checkpoint,
                        spacing_mm=grids[0] if not pair_dirs and len(grids) == 1 else None,
-                       scale_augment=scale_augment or None)
+                       scale_augment=scale_augment or None, peak_weight=peak_weight,
+                       select=select, psnr_slack=psnr_slack)
     click.echo(f"trained {stats['iterations']} iterations in {stats['seconds']:.0f} s; "
                f"Charbonnier {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}")
     if stats.get("kept") is not None:

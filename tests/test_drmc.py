@@ -200,6 +200,10 @@ def test_train_pet_denoise_cli_refuses_bad_validation_before_simulating(tmp_path
     assert r.returncode == 2 and "--count-scale" in r.stderr
     r = train("--pairs", "a:b", "--count-scale", "1", "16")
     assert r.returncode == 2 and "--count-scale" in r.stderr
+    r = train("--select", "b_max")  # SUVmax bias is scored on validation data
+    assert r.returncode == 2 and "--select" in r.stderr
+    r = train("--psnr-slack", "0.3", "--validation-cases", "1")
+    assert r.returncode == 2 and "--psnr-slack" in r.stderr
     assert not (tmp_path / "m").exists()
 
 
@@ -417,3 +421,80 @@ def test_scale_augmentation_trains_on_scaled_patches_and_says_so(tmp_path) -> No
     assert plain_manifest["trained_on"] == "the data"
     with pytest.raises(ValueError, match="scale_augment"):
         train(output=tmp_path / "bad", scale_augment=(2.0, 1.0), **common)
+
+
+def test_lesion_peak_loss_is_the_relative_error_of_each_lesions_maximum() -> None:
+    """Per lesion label per patch: sqrt(((max pred - max target) / max target)^2 + eps^2),
+    averaged; eps for a prediction that keeps every maximum (whatever else it changes);
+    only the maximum voxel gets a gradient; no lesion, no loss."""
+    from dicomnode.pipelines.pet_denoise import lesion_peak_loss
+
+    target = torch.ones(2, 1, 8, 8, 8)
+    labels = torch.zeros(2, 1, 8, 8, 8, dtype=torch.int64)
+    labels[0, 0, 1:3, 1:3, 1:3] = 1
+    labels[0, 0, 5:7, 5:7, 5:7] = 2
+    labels[1, 0, 2:4, 2:4, 2:4] = 1
+    target[0, 0, 1, 1, 1], target[0, 0, 5, 5, 5], target[1, 0, 2, 2, 2] = 5.0, 4.0, 2.0
+    same_peaks = target.clone()
+    same_peaks[0, 0, 2, 2, 2] = 0.0  # a lesion voxel below its maximum: not counted
+    same_peaks[0, 0, 0, 0, 0] = 9.0  # outside every lesion: not counted
+    assert abs(lesion_peak_loss(same_peaks, target, labels).item() - 1e-3) < 1e-7
+    pred = target.clone().requires_grad_(True)
+    low = pred * torch.where(labels > 0, 0.8, 1.0)  # every lesion 20 % low
+    loss = lesion_peak_loss(low, target, labels)
+    assert abs(loss.item() - (0.2 ** 2 + 1e-6) ** 0.5) < 1e-6
+    loss.backward()
+    assert int((pred.grad != 0).sum()) == 3  # one voxel per lesion: its maximum
+    assert pred.grad[0, 0, 1, 1, 1] < 0  # raising a low maximum lowers the loss
+    none = torch.zeros_like(labels)
+    assert lesion_peak_loss(pred, target, none).item() == 0.0
+
+
+def test_keep_checkpoint_by_psnr_or_by_suvmax_bias() -> None:
+    """psnr: the best PSNR that does not raise B_max over the start; b_max: the lowest B_max
+    within the PSNR slack of the start (from scratch: of the best PSNR); the untrained start
+    is never kept from scratch."""
+    from dicomnode.pipelines.pet_denoise import keep_checkpoint
+
+    points = [{"psnr": 45.0, "b_max": 0.15}, {"psnr": 45.6, "b_max": 0.16},
+              {"psnr": 45.3, "b_max": 0.14}, {"psnr": 44.8, "b_max": 0.11},
+              {"psnr": 44.2, "b_max": 0.09}]
+    assert keep_checkpoint(points, from_init=True) == 2
+    assert keep_checkpoint(points, from_init=True, select="b_max") == 2
+    assert keep_checkpoint(points, from_init=True, select="b_max", psnr_slack=0.3) == 3
+    assert keep_checkpoint(points, from_init=True, select="b_max", psnr_slack=1.0) == 4
+    assert keep_checkpoint(points, from_init=False) == 1
+    assert keep_checkpoint(points, from_init=False, select="b_max", psnr_slack=0.5) == 2
+    assert keep_checkpoint(points[:1], from_init=False) is None
+    worse = [{"psnr": 45.0, "b_max": 0.15}, {"psnr": 44.0, "b_max": 0.2}]
+    assert keep_checkpoint(worse, from_init=True) == 0  # the start handed back
+    with pytest.raises(ValueError, match="select"):
+        keep_checkpoint(points, from_init=True, select="ssim")
+
+
+def test_peak_weighted_training_keeps_the_lowest_suvmax_bias_checkpoint(tmp_path) -> None:
+    """--peak-weight with --select b_max: the loss has the SUVmax term (training says so),
+    and the written checkpoint is keep_checkpoint's choice; b_max without lesion windows
+    is refused."""
+    from dicomnode.pipelines.pet_denoise import keep_checkpoint, train, validation_windows
+
+    small = {"channels": 8, "experts": 2, "blocks": 1, "heads": 2, "hidden": 4}
+    pairs = [_validation_pair(0)]
+    train(output=tmp_path / "start", pairs=pairs, seconds=2, patch=16, batch=2, params=small,
+          trained_on="a unit test")
+    windows = validation_windows([_validation_pair(1)], random_per_pair=3)
+    stats = train(output=tmp_path / "m", pairs=pairs, seconds=5, patch=16, batch=2,
+                  params=small, trained_on="a unit test", init=tmp_path / "start",
+                  validation=windows, validate_every=1.0, peak_weight=0.5, select="b_max",
+                  psnr_slack=1.0)
+    points = stats["checkpoints"]
+    assert stats["peak_weight"] == 0.5 and len(points) >= 3
+    k = keep_checkpoint(points, from_init=True, select="b_max", psnr_slack=1.0)
+    assert k is not None and stats["kept"] == points[k]
+    assert points[k]["psnr"] >= points[0]["psnr"] - 1.0
+    assert points[k]["b_max"] == min(p["b_max"] for p in points
+                                     if p["psnr"] >= points[0]["psnr"] - 1.0)
+    with pytest.raises(ValueError, match="lesions"):
+        train(output=tmp_path / "n", pairs=pairs, seconds=1, patch=16, batch=2, params=small,
+              trained_on="a unit test", select="b_max",
+              validation=[w for w in windows if w.lesion is None])

@@ -298,6 +298,51 @@ def validation_scores(net: Any, windows: list[ValidationWindow]) -> dict[str, fl
             "lesions": len(bias)}
 
 
+def lesion_peak_loss(pred: Any, target: Any, labels: Any, eps: float = 1e-3) -> Any:
+    """The SUVmax term of ``peak_weight`` in ``train``: for every lesion label in every patch
+    of the batch, the Charbonnier of the relative error of the lesion's maximum,
+    sqrt(((max pred - max target) / max target)^2 + eps^2), averaged over the lesions (the
+    training form of DRMC's B_max); 0 (with a gradient of 0) when no patch holds a lesion.
+    ``labels``: integer lesion labels of the patch voxels (0 outside lesions), pred's shape."""
+    import torch
+
+    terms = []
+    for b in range(pred.shape[0]):
+        for label in torch.unique(labels[b]).tolist():
+            if label == 0:
+                continue
+            inside = labels[b] == label
+            peak = target[b][inside].max()
+            terms.append(torch.sqrt(((pred[b][inside].max() - peak) / peak) ** 2 + eps * eps))
+    return torch.stack(terms).mean() if terms else pred.sum() * 0.0
+
+
+def keep_checkpoint(points: list[dict[str, Any]], *, from_init: bool,
+                    select: str = "psnr", psnr_slack: float = 0.0) -> int | None:
+    """Which of the validation ``points`` (the first is the start) ``train`` writes: its index,
+    or None for none (from scratch, the untrained start is never a candidate).
+
+    ``select="psnr"``: the highest PSNR among the points whose lesion B_max is no higher than
+    the start's (with ``from_init``; from scratch, among all but the start).
+    ``select="b_max"``: the lowest lesion B_max among the points whose PSNR is at most
+    ``psnr_slack`` dB below the start's (from scratch: below the best PSNR seen), for a
+    fine-tune that trades a little PSNR for SUVmax (``peak_weight``)."""
+    if select not in ("psnr", "b_max"):
+        raise ValueError(f"select must be 'psnr' or 'b_max', not {select!r}")
+    candidates = list(range(len(points)) if from_init else range(1, len(points)))
+    if not candidates:
+        return None
+    if select == "psnr":
+        start = points[0]["b_max"]
+        fine = [i for i in candidates
+                if not from_init or not points[i]["b_max"] > start]  # NaN: no lesions
+        return max(fine, key=lambda i: points[i]["psnr"]) if fine else None
+    floor = (points[0]["psnr"] if from_init else max(points[i]["psnr"] for i in candidates)) \
+        - psnr_slack
+    fine = [i for i in candidates if points[i]["psnr"] >= floor]
+    return min(fine, key=lambda i: (points[i]["b_max"], -points[i]["psnr"])) if fine else None
+
+
 def train(
     *, output: Path, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
     seconds: float, patch: int = 16, batch: int = 8, params: dict[str, Any] | None = None,
@@ -306,6 +351,7 @@ def train(
     validation: list[ValidationWindow] | None = None, validate_every: float = 180.0,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     spacing_mm: float | None = None, scale_augment: tuple[float, float] | None = None,
+    peak_weight: float = 0.0, select: str = "psnr", psnr_slack: float = 0.0,
 ) -> dict[str, Any]:
     """Train DRMC on (low, full, lesion labels or None) SUV pairs and write ``output``
     (manifest + weights).
@@ -328,6 +374,12 @@ def train(
     manifest, where the pipeline's choice of model by voxel size reads it. The manifest's
     ``input_level`` is the range of the low-dose inputs' ``activity_level`` (with ``init``,
     widened to the start's).
+
+    ``peak_weight`` > 0 adds that times ``lesion_peak_loss`` (each lesion's maximum in the
+    patch against the full-dose one's) to the loss: a Charbonnier fit to a noisy target
+    predicts its typical value, so lesion maxima come out below the full-dose image's, which
+    DRMC's B_max counts (docs/pet-experiments.md, session 15). ``select`` and ``psnr_slack``:
+    which validation checkpoint is written (``keep_checkpoint``).
 
     ``scale_augment`` (low, high): every patch pair is multiplied by its own factor drawn
     log-uniform from that range, so that the network meets each anatomy at other activity
@@ -364,8 +416,12 @@ def train(
     input_level, levels = training_input_level(
         [(lo, fu, les) for lo, fu, les, _ in usable], before.get("input_level"),
         scale_augment or (1.0, 1.0))
+    keep_checkpoint([], from_init=init is not None, select=select)  # a bad select, now
+    if select == "b_max" and not any(w.lesion is not None for w in validation or []):
+        raise ValueError("select='b_max' needs validation windows with lesions")
     t0, losses, it = time.perf_counter(), [], 0
     checkpoints: list[dict[str, Any]] = []
+    states: list[dict[str, Any]] = []  # every checkpoint's weights (100 kB each shipped)
     best: dict[str, Any] | None = None
     validation_s = 0.0
 
@@ -376,22 +432,19 @@ def train(
         validation_s += time.perf_counter() - tv
         point = {"iteration": it, "seconds": round(time.perf_counter() - t0, 1), **scores}
         checkpoints.append(point)
+        states.append(copy.deepcopy(net.state_dict()))
         if on_checkpoint is not None:
             on_checkpoint(point)
-        start = checkpoints[0]
-        if it == 0 and init is None:
-            return  # random weights are not a candidate
-        if init is not None and scores["b_max"] > start["b_max"]:  # False where no lesions
-            return
-        if best is None or scores["psnr"] > best["point"]["psnr"]:
-            best = {"point": point, "state": copy.deepcopy(net.state_dict())}
+        k = keep_checkpoint(checkpoints, from_init=init is not None, select=select,
+                            psnr_slack=psnr_slack)
+        best = None if k is None else {"point": checkpoints[k], "state": states[k]}
 
     next_check = 0.0
     while time.perf_counter() - t0 < seconds:
         if validation and time.perf_counter() - t0 >= next_check:
             check()
             next_check = time.perf_counter() - t0 + validate_every
-        xs, ys, ws = [], [], []
+        xs, ys, ws, ls = [], [], [], []
         for _ in range(batch):
             on_lesion = bool(with_lesions) and rng.random() < lesion_fraction
             lo, fu, les, where = (with_lesions if on_lesion else usable)[
@@ -402,10 +455,16 @@ def train(
             ys.append(fu[sl] * (k / SCALE))
             ws.append(np.where(les[sl] > 0, lesion_weight, 1.0) if les is not None
                       else np.ones((patch,) * 3))
+            ls.append(les[sl].astype(np.int64) if les is not None
+                      else np.zeros((patch,) * 3, np.int64))
         x = torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
         y = torch.from_numpy(np.stack(ys)[:, None].astype(np.float32))
         w = torch.from_numpy(np.stack(ws)[:, None].astype(np.float32))
-        loss = charbonnier(net(x), y, weight=None if lesion_weight == 1.0 else w)
+        pred = net(x)
+        loss = charbonnier(pred, y, weight=None if lesion_weight == 1.0 else w)
+        if peak_weight > 0:
+            lab = torch.from_numpy(np.stack(ls)[:, None])
+            loss = loss + peak_weight * lesion_peak_loss(pred, y, lab)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -448,6 +507,7 @@ def train(
         "iterations": it, "seconds": time.perf_counter() - t0, "patch": patch, "batch": batch,
         "lesion_fraction": lesion_fraction if with_lesions else 0.0,
         "lesion_weight": lesion_weight, "initialised_from": str(init) if init else None,
+        "peak_weight": peak_weight, "select": select, "psnr_slack": psnr_slack,
         "pairs": len(usable), "input_levels": [round(lv, 4) for lv in levels],
         "scale_augment": list(scale_augment) if scale_augment else None,
         "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:]))}
