@@ -485,6 +485,9 @@ def train() -> None:
               help="Validation checkpoint to keep: psnr, the best PSNR among those with no "
                    "higher lesion SUVmax bias than the start; b_max, the lowest SUVmax bias "
                    "among those within --psnr-slack dB of the start's PSNR.")
+@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
+              help="Adam learning rate (the DRMC paper's 1e-4; lower for fine-tuning a "
+                   "trained model: Adam's first steps move every weight by about lr).")
 @click.option("--psnr-slack", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="With --select b_max: validation PSNR that may be given up, in dB.")
 def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], seconds: float,
@@ -495,7 +498,7 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
                       validation_dirs: tuple[str, ...], validate_every: float,
                       scale_augment: tuple[float, float] | None,
                       count_scale: tuple[float, float] | None, peak_weight: float,
-                      select: str, psnr_slack: float) -> None:
+                      select: str, psnr_slack: float, lr: float) -> None:
     """Train DRMC and write a model directory with its manifest (sha256, trained_on)."""
     from dicomnode.pipelines.pet_denoise import train as train_drmc
     from dicomnode.pipelines.pet_denoise import validation_windows
@@ -580,7 +583,7 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
                        on_checkpoint=checkpoint,
                        spacing_mm=grids[0] if not pair_dirs and len(grids) == 1 else None,
                        scale_augment=scale_augment or None, peak_weight=peak_weight,
-                       select=select, psnr_slack=psnr_slack)
+                       select=select, psnr_slack=psnr_slack, lr=lr)
     click.echo(f"trained {stats['iterations']} iterations in {stats['seconds']:.0f} s; "
                f"Charbonnier {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}")
     if stats.get("kept") is not None:

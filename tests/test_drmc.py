@@ -204,6 +204,8 @@ def test_train_pet_denoise_cli_refuses_bad_validation_before_simulating(tmp_path
     assert r.returncode == 2 and "--select" in r.stderr
     r = train("--psnr-slack", "0.3", "--validation-cases", "1")
     assert r.returncode == 2 and "--psnr-slack" in r.stderr
+    r = train("--lr", "0")
+    assert r.returncode == 2 and "--lr" in r.stderr
     assert not (tmp_path / "m").exists()
 
 

@@ -506,7 +506,7 @@ def train(
     stats: dict[str, Any] = {
         "iterations": it, "seconds": time.perf_counter() - t0, "patch": patch, "batch": batch,
         "lesion_fraction": lesion_fraction if with_lesions else 0.0,
-        "lesion_weight": lesion_weight, "initialised_from": str(init) if init else None,
+        "lesion_weight": lesion_weight, "lr": lr, "initialised_from": str(init) if init else None,
         "peak_weight": peak_weight, "select": select, "psnr_slack": psnr_slack,
         "pairs": len(usable), "input_levels": [round(lv, 4) for lv in levels],
         "scale_augment": list(scale_augment) if scale_augment else None,
