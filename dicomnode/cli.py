@@ -585,7 +585,8 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
                        scale_augment=scale_augment or None, peak_weight=peak_weight,
                        select=select, psnr_slack=psnr_slack, lr=lr)
     click.echo(f"trained {stats['iterations']} iterations in {stats['seconds']:.0f} s; "
-               f"Charbonnier {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}")
+               f"{'loss (Charbonnier + SUVmax term)' if peak_weight else 'Charbonnier'} "
+               f"{stats['loss_first']:.4f} -> {stats['loss_last']:.4f}")
     if stats.get("kept") is not None:
         click.echo(f"kept the checkpoint at iteration {stats['kept']['iteration']}"
                    + (f": no checkpoint beat {init_dir} on validation, so its weights were "

@@ -416,7 +416,7 @@ def train(
     input_level, levels = training_input_level(
         [(lo, fu, les) for lo, fu, les, _ in usable], before.get("input_level"),
         scale_augment or (1.0, 1.0))
-    keep_checkpoint([], from_init=init is not None, select=select)  # a bad select, now
+    keep_checkpoint([], from_init=init is not None, select=select)  # refuses a bad select
     if select == "b_max" and not any(w.lesion is not None for w in validation or []):
         raise ValueError("select='b_max' needs validation windows with lesions")
     t0, losses, it = time.perf_counter(), [], 0
@@ -435,9 +435,9 @@ def train(
         states.append(copy.deepcopy(net.state_dict()))
         if on_checkpoint is not None:
             on_checkpoint(point)
-        k = keep_checkpoint(checkpoints, from_init=init is not None, select=select,
-                            psnr_slack=psnr_slack)
-        best = None if k is None else {"point": checkpoints[k], "state": states[k]}
+        kept = keep_checkpoint(checkpoints, from_init=init is not None, select=select,
+                               psnr_slack=psnr_slack)
+        best = None if kept is None else {"point": checkpoints[kept], "state": states[kept]}
 
     next_check = 0.0
     while time.perf_counter() - t0 < seconds:
