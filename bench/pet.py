@@ -320,8 +320,8 @@ def main() -> None:
                 if args.only and args.denoise_model is None and RESULTS.exists() else {})
     out.update({k: v for k, v in previous.items()
                 if k in ("pet_denoise", "pet_denoise_lesions", "ct2pet")})
-    names = () if args.only == "ct2pet" or args.grid else ("philips-gemini-ctac", "ge-advance-bigendian",
-                                              "ge-signa-petmr-fdg")
+    names = () if args.only == "ct2pet" or args.grid else (
+        "philips-gemini-ctac", "ge-advance-bigendian", "ge-signa-petmr-fdg")
     for name in names:  # the reference read once, made low dose at every count level asked
         src = sorted(p for p in (DATA / "pet" / name).iterdir() if p.is_file())
         ref_vol = load_series(src)

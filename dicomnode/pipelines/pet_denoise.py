@@ -444,7 +444,7 @@ def train(
         if validation and time.perf_counter() - t0 >= next_check:
             check()
             next_check = time.perf_counter() - t0 + validate_every
-        xs, ys, ws, ls = [], [], [], []
+        xs, ys, ls = [], [], []
         for _ in range(batch):
             on_lesion = bool(with_lesions) and rng.random() < lesion_fraction
             lo, fu, les, where = (with_lesions if on_lesion else usable)[
@@ -453,17 +453,15 @@ def train(
             k = 1.0 if log_scale is None else float(np.exp(rng.uniform(*log_scale)))
             xs.append(lo[sl] * (k / SCALE))
             ys.append(fu[sl] * (k / SCALE))
-            ws.append(np.where(les[sl] > 0, lesion_weight, 1.0) if les is not None
-                      else np.ones((patch,) * 3))
             ls.append(les[sl].astype(np.int64) if les is not None
                       else np.zeros((patch,) * 3, np.int64))
         x = torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
         y = torch.from_numpy(np.stack(ys)[:, None].astype(np.float32))
-        w = torch.from_numpy(np.stack(ws)[:, None].astype(np.float32))
+        lab = torch.from_numpy(np.stack(ls)[:, None])  # lesion labels: the weights and peaks
         pred = net(x)
-        loss = charbonnier(pred, y, weight=None if lesion_weight == 1.0 else w)
+        loss = charbonnier(pred, y, weight=None if lesion_weight == 1.0 else
+                           torch.where(lab > 0, lesion_weight, 1.0))
         if peak_weight > 0:
-            lab = torch.from_numpy(np.stack(ls)[:, None])
             loss = loss + peak_weight * lesion_peak_loss(pred, y, lab)
         opt.zero_grad()
         loss.backward()
