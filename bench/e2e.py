@@ -2,7 +2,7 @@
 
 ``ct-tissue`` on lidc-idri-0001 (133 slices), sent with DCMTK's storescu to a node whose
 destination is a local Orthanc. Each run starts both with empty storage. Stages come from the
-audit rows (``dicomnode.report``): completion, queue wait, pipeline (read / infer / write),
+audit rows (``dicomnode.node.report``): completion, queue wait, pipeline (read / infer / write),
 recording, push. The target is that everything except the pipeline stays under 10 % of the
 total. Results in ``bench/results/e2e.json``.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from bench.ingest import free_port
-from dicomnode.localpacs import Orthanc
+from dicomnode.demo.localpacs import Orthanc
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "e2e"
@@ -37,7 +37,7 @@ LIDC_SERIES = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 
 def one_run(work: Path) -> dict[str, float]:
     from dicomnode.app import open_database
-    from dicomnode.report import series_report
+    from dicomnode.node.report import series_report
     from dicomnode.settings import load_settings
 
     pacs = Orthanc(work / "orthanc", dicom_port=free_port(), http_port=free_port()).start()

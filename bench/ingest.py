@@ -93,7 +93,7 @@ class OrthancTarget:
     name = "orthanc"
 
     def start(self, work: Path) -> int:
-        from dicomnode.localpacs import Orthanc
+        from dicomnode.demo.localpacs import Orthanc
 
         self.pacs = Orthanc(work / "orthanc", dicom_port=free_port(), http_port=free_port(),
                             peers=("BENCH",)).start()
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--slices", type=int, default=300)
     args = parser.parse_args()
-    from dicomnode.sample import write_phantom_ct
+    from dicomnode.demo.sample import write_phantom_ct
 
     shutil.rmtree(WORK, ignore_errors=True)
     data = WORK / "series"

@@ -33,7 +33,7 @@ the real phantoms at other noise levels: ``--real-counts C [C ...] --out FILE`` 
 counts per slice ``lowdose_from_pet`` gives each slice before thinning, default 2e5; only the
 real phantoms run). Real-phantom rows carry ``counts_per_object_voxel``: the low-dose counts
 per voxel of the object (smoothed reference above 10 % of its maximum), the measure the
-twin's cases are compared by (docs/pet-experiments.md).
+twin's cases are compared by (docs/research/pet-experiments.md).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from dicomnode.simulate import PET_MM
-from dicomnode.training import BENCH_PHANTOM_SEEDS
+from dicomnode.research.simulate import PET_MM
+from dicomnode.research.training import BENCH_PHANTOM_SEEDS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "pet.json"
@@ -167,9 +167,9 @@ def ct2pet_rows(gens: dict, seeds: tuple[int, ...]) -> list[dict]:
     """Whole-body model vs district models on held-out whole-body phantoms (one row each)."""
     from scipy.ndimage import zoom
 
-    from dicomnode.phantom import whole_body
     from dicomnode.pipelines.ct2pet import district_masks, synthesize
-    from dicomnode.simulate import pet_truth
+    from dicomnode.research.phantom import whole_body
+    from dicomnode.research.simulate import pet_truth
 
     ct_rows = []
     for seed in seeds:
@@ -235,10 +235,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.grid and args.denoise_model is None:
         parser.error("--grid screens a --denoise-model candidate; the benchmark runs every case")
-    from dicomnode import phantom, simulate, simulate_io
-    from dicomnode.models import load_entry, load_network, scan_models
-    from dicomnode.phantom import whole_body
+    from dicomnode.dicom.volume import load_series
     from dicomnode.pipelines.ct2pet import load_generators
+    from dicomnode.pipelines.models import load_entry, load_network, scan_models
     from dicomnode.pipelines.pet_denoise import (
         DEFAULT_MODELS,
         choose_model,
@@ -246,14 +245,15 @@ def main() -> None:
         input_scale,
         to_suv,
     )
-    from dicomnode.simulate import (
+    from dicomnode.research import phantom, simulate, simulate_io
+    from dicomnode.research.phantom import whole_body
+    from dicomnode.research.simulate import (
         POSTFILTER_MM,
         PetTwin,
         gaussian_fwhm,
         simulate_pet,
     )
-    from dicomnode.simulate_io import lowdose_from_pet
-    from dicomnode.volume import load_series
+    from dicomnode.research.simulate_io import lowdose_from_pet
 
     seeds = tuple(args.ct2pet_seeds)
     seen = {s: SHIPPED_CT2PET_SAW[s] for s in seeds if s in SHIPPED_CT2PET_SAW}

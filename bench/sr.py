@@ -30,6 +30,7 @@ import numpy as np
 from scipy.interpolate import CubicSpline
 from scipy.ndimage import gaussian_filter
 
+from dicomnode.dicom.volume import load_series
 from dicomnode.pipelines.ct_tissue import body_mask
 from dicomnode.pipelines.sr4zct import (
     SRBudget,
@@ -39,7 +40,6 @@ from dicomnode.pipelines.sr4zct import (
     degrade_matrix,
     super_resolve,
 )
-from dicomnode.volume import load_series
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "sr.json"

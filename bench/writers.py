@@ -23,12 +23,12 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 
-from dicomnode.sample import write_phantom_ct
-from dicomnode.volume import load_series
-from dicomnode.write.common import OutputIdentity, save
-from dicomnode.write.ct import build_derived_ct
-from dicomnode.write.pet import build_derived_pet
-from dicomnode.write.seg import ANATOMICAL_STRUCTURE, SegmentSpec, build_seg, sct
+from dicomnode.demo.sample import write_phantom_ct
+from dicomnode.dicom.volume import load_series
+from dicomnode.dicom.write.common import OutputIdentity, save
+from dicomnode.dicom.write.ct import build_derived_ct
+from dicomnode.dicom.write.pet import build_derived_pet
+from dicomnode.dicom.write.seg import ANATOMICAL_STRUCTURE, SegmentSpec, build_seg, sct
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "writers"

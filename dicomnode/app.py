@@ -22,18 +22,19 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import __version__
-from dicomnode.assemble import Assembler
 from dicomnode.audit.db import make_engine, make_sessionmaker, migrate, transaction
 from dicomnode.audit.events import AuditEventID, Outcome, record_event
 from dicomnode.audit.models import Delivery, DeliveryStatus, NodeRun, utcnow
-from dicomnode.executors import EXECUTORS, Executor
-from dicomnode.jobs import reclaim_expired
+from dicomnode.files import file_sha256
+from dicomnode.node.assemble import Assembler
+from dicomnode.node.executors import EXECUTORS, Executor
+from dicomnode.node.jobs import reclaim_expired
+from dicomnode.node.push import Pusher
+from dicomnode.node.receive import Receiver, serving
+from dicomnode.node.schedule import Sweeps, build_scheduler, run_soon
+from dicomnode.node.spool import Spool
 from dicomnode.pipelines import known_pipelines
-from dicomnode.push import Pusher
-from dicomnode.receive import Receiver, serving
-from dicomnode.schedule import Sweeps, build_scheduler, run_soon
 from dicomnode.settings import ConfigError, Settings
-from dicomnode.spool import Spool
 
 __all__ = ["Node", "check_pipelines", "open_database", "patient_secret"]
 
@@ -75,7 +76,7 @@ def check_pipelines(settings: Settings) -> dict[str, str]:
         Naming the rule key, or listing the model directories that fail (missing weights,
         sha256 mismatch, invalid manifest).
     """
-    from dicomnode.models import scan_models
+    from dicomnode.pipelines.models import scan_models
 
     known = known_pipelines()
     models, problems = scan_models(settings.models_path)
@@ -87,6 +88,10 @@ def check_pipelines(settings: Settings) -> dict[str, str]:
                 raise ConfigError(
                     f"rules.{index}.pipelines.{j}: unknown pipeline {name!r}; known: {sorted(known)}"
                 )
+            if missing := known[name].missing():
+                raise ConfigError(
+                    f"rules.{index}.pipelines.{j}: pipeline {name!r} needs {', '.join(missing)}, "
+                    "not installed here: pip install 'dicomnode[ml]'")
         for pipeline, model in rule.models.items():
             if pipeline not in rule.pipelines:
                 raise ConfigError(f"rules.{index}.models.{pipeline}: not one of the rule's "
@@ -226,4 +231,4 @@ class Node:
 
 def config_sha256(path: Path | None) -> str:
     """sha256 of a config file's bytes ('' for the embedded defaults)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path else ""
+    return file_sha256(path) if path else ""

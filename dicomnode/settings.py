@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
+from dicomnode import resources
+
 __all__ = [
     "AllowedPeer",
     "CompletionPolicy",
@@ -184,6 +186,9 @@ class ExecutorSettings(_Model):
     lease_s: float = Field(default=300.0, gt=0, description="A worker's claim on a job expires "
                            "after this long without a heartbeat; the job is then re-queued.")
     max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_s: float = Field(default=30.0, gt=0, description="A failed job waits this "
+                                   "long before its second attempt, doubling each time ...")
+    retry_backoff_max_s: float = Field(default=600.0, gt=0, description="... up to this.")
     poll_interval_s: float = Field(default=0.5, gt=0)
 
 
@@ -208,7 +213,7 @@ class OutputSettings(_Model):
     """How results are labelled."""
 
     series_number_offset: int = Field(
-        default=9000, ge=0, description="Result series numbers start here (+ pipeline index)."
+        default=9000, ge=0, description="Result series numbers start here (+ each pipeline's own series_number)."
     )
     series_description_prefix: str = Field(default="AI ", max_length=20)
     previews: bool = Field(
@@ -282,7 +287,7 @@ class Settings(_Model):
     @property
     def models_path(self) -> Path:
         """Where model directories are looked up."""
-        return self.models_dir or Path(__file__).resolve().parent.parent / "models"
+        return self.models_dir or resources.models_dir()
 
     @property
     def database_url(self) -> str:
@@ -356,8 +361,8 @@ def load_settings(path: Path | str | None) -> Settings:
 
 
 def default_config_path() -> Path:
-    """The embedded default configuration, ``config/dicomnode.yaml`` in the project."""
-    return Path(__file__).resolve().parent.parent / "config" / "dicomnode.yaml"
+    """The embedded default configuration, ``config/dicomnode.yaml`` as shipped."""
+    return resources.shipped("config") / "dicomnode.yaml"
 
 
 def json_schema() -> dict[str, Any]:

@@ -8,10 +8,12 @@ import os
 from dicomnode.pipelines import JobContext, OutputFile, PipelineSpec, register
 
 register(PipelineSpec(name="test-echo", version="1", entry_point="tests.plugins:echo_run",
-                      modalities=("CT", "PT"), description="test: records its inputs"))
+                      modalities=("CT", "PT"), description="test: records its inputs",
+                      series_number=900))
 register(PipelineSpec(name="test-crash-once", version="1",
                       entry_point="tests.plugins:crash_once_run", modalities=("CT",),
-                      description="test: the worker process dies on the first attempt"))
+                      description="test: the worker process dies on the first attempt",
+                      series_number=901))
 
 
 def echo_run(ctx: JobContext) -> list[OutputFile]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from dicomnode.assemble import completion_decision, content_check
-from dicomnode.route import evaluate_rules
+from dicomnode.node.assemble import completion_decision, content_check
+from dicomnode.node.route import evaluate_rules
 from dicomnode.settings import CompletionPolicy, parse_settings
 
 AX = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
@@ -74,9 +74,9 @@ def test_sweep_rereads_slice_positions_only_when_a_series_changed(tmp_path) -> N
     that are no longer receiving."""
     from sqlalchemy import event
 
-    from dicomnode.assemble import Assembler
     from dicomnode.audit.db import make_engine, make_sessionmaker, migrate, transaction
     from dicomnode.audit.models import Association, Instance, Series, SeriesState
+    from dicomnode.node.assemble import Assembler
 
     url = f"sqlite:///{tmp_path / 'a.db'}"
     migrate(url)
@@ -119,3 +119,18 @@ def test_sweep_rereads_slice_positions_only_when_a_series_changed(tmp_path) -> N
         s.get(Series, sid).state = SeriesState.COMPLETE
     asm.sweep()
     assert sid not in asm._content_cache and sid not in asm._rules_cache
+
+
+def test_completion_and_volume_share_one_spacing_tolerance() -> None:
+    """A stack 1.5 % uneven: the completion check and the volume reader say the same (it was
+    accepted at completion under a 2 % tolerance and refused by the reader under 1 %)."""
+    import numpy as np
+
+    from dicomnode.dicom.volume import spacing_problem
+
+    zs = [0.0, 2.5, 5.0, 7.5375, 10.0375]  # one step 2.5375 mm: 1.5 % over the median
+    problem = content_check(*stack(zs), None)
+    assert problem is not None and "uneven" in problem
+    assert spacing_problem(np.array(zs)) is not None
+    even = [0.0, 2.5, 5.0, 7.52, 10.02]  # 0.8 %: inside both
+    assert content_check(*stack(even), None) is None and spacing_problem(np.array(even)) is None

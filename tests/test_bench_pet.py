@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from scipy.stats import wilcoxon
 
 from bench.pet import lesion_summary
 
@@ -34,6 +35,10 @@ def test_lesion_summary_pools_lesions_over_cases_and_pairs_methods_lesion_by_les
     assert four["b_max_vs_truth DRMC"] == pytest.approx(four["b_max DRMC"] / 2)
     assert four["b_max lesions DRMC better"] == 4  # all but the 0.4 vs 0.3 lesion
     assert four["b_mean lesions DRMC better"] == 0
-    assert 0 < four["b_max wilcoxon p"] <= 1
+    # the test is run on the five lesions' unsigned errors, paired lesion by lesion in case order
+    drmc, filt = [0.05, 0.1, 0.4, 0.1, 0.1], [0.1, 0.2, 0.3, 0.2, 0.2]
+    assert four["b_max wilcoxon p"] == pytest.approx(wilcoxon(drmc, filt).pvalue)
+    assert four["b_mean wilcoxon p"] == pytest.approx(
+        wilcoxon([0.2] * 5, [0.1] * 5).pvalue)
     assert four["b_mean wilcoxon p"] < four["b_max wilcoxon p"]  # 5 of 5 worse vs 4 of 5 better
     assert by_grid["2 mm grid"]["lesions"] == 1

@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from dicomnode.audit.db import downgrade, make_engine, make_sessionmaker, migrate, transaction
 from dicomnode.audit.events import AuditEventID, record_event, verify_chain
 from dicomnode.audit.models import Base, EventLog, InstanceReceipt, Job, Series
-from dicomnode.jobs import claim_job, enqueue_job
+from dicomnode.node.jobs import claim_job, enqueue_job
 
 
 def test_upgrade_downgrade_upgrade_matches_models(db_url: str) -> None:
@@ -103,4 +103,42 @@ def test_three_claimers_get_different_jobs(db_url: str) -> None:
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 6
     with factory() as s:
         assert {j.attempts for j in s.execute(select(Job)).scalars()} == {1}
+    engine.dispose()
+
+
+
+def test_job_retries_use_their_own_capped_backoff(tmp_path) -> None:
+    """A failed job waits retry_backoff_s x 2^(attempt-1), at most retry_backoff_max_s (it used
+    the push backoff, uncapped: 2 s x 2^11 = 68 min before attempt 12)."""
+    from datetime import timedelta
+
+    from dicomnode.audit.models import utcnow
+    from dicomnode.node.jobs import finish_job
+    from dicomnode.settings import parse_settings
+
+    executor = parse_settings({"executor": {"retry_backoff_s": 30, "retry_backoff_max_s": 600}
+                               }).executor
+    url = f"sqlite:///{tmp_path / 'j.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    factory = make_sessionmaker(engine)
+    with transaction(factory) as s:
+        series = Series(series_instance_uid="1.2.3", study_instance_uid="1.2")
+        s.add(series)
+        s.flush()
+        enqueue_job(s, series=series, rule_name="r", pipeline="p", pipeline_version="1",
+                    input_sha256="0" * 64, destinations=[], max_attempts=20)
+    waits = []
+    for _ in range(8):
+        job = claim_job(factory, owner="w", lease_s=60, device="cpu")
+        assert job is not None
+        with transaction(factory) as s:
+            before = utcnow()
+            finish_job(s, job_id=job.id, owner="w", succeeded=False, error_code="E",
+                       backoff_s=executor.retry_backoff_s,
+                       backoff_max_s=executor.retry_backoff_max_s)
+            row = s.get(Job, job.id)
+            waits.append(round((row.next_attempt_at - before) / timedelta(seconds=1)))
+            row.next_attempt_at = before  # due again at once, for the next round
+    assert waits == [30, 60, 120, 240, 480, 600, 600, 600]
     engine.dispose()

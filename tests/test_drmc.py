@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dicomnode.pipelines.drmc import DRMC, DRMCConfig, charbonnier
+from dicomnode.pipelines.nets.drmc import DRMC, DRMCConfig, charbonnier
 
 SMALL = DRMCConfig(channels=8, experts=3, blocks=2, heads=2, hidden=4)
 
@@ -71,7 +71,7 @@ def test_lesion_patches_hold_a_lesion_and_training_writes_a_model(tmp_path) -> N
     import numpy as np
     import yaml
 
-    from dicomnode.pipelines.pet_denoise import draw_patch, train
+    from dicomnode.research.train_pet_denoise import draw_patch, train
 
     rng = np.random.default_rng(0)
     lesions = np.zeros((40, 40, 40), np.uint16)
@@ -123,7 +123,7 @@ def test_validation_windows_and_scores_as_bench_defines_them() -> None:
     hand."""
     import numpy as np
 
-    from dicomnode.pipelines.pet_denoise import validation_scores, validation_windows
+    from dicomnode.research.train_pet_denoise import validation_scores, validation_windows
 
     low, full, lesions = _validation_pair()
     windows = validation_windows([(low, full, lesions)], random_per_pair=5, size=24, margin=8)
@@ -147,8 +147,8 @@ def test_training_writes_the_checkpoint_chosen_on_validation(tmp_path) -> None:
     start: the written weights score exactly as the kept checkpoint."""
     import json
 
-    from dicomnode.models import load_entry, load_network
-    from dicomnode.pipelines.pet_denoise import train, validation_scores, validation_windows
+    from dicomnode.pipelines.models import load_entry, load_network
+    from dicomnode.research.train_pet_denoise import train, validation_scores, validation_windows
 
     small = {"channels": 8, "experts": 2, "blocks": 1, "heads": 2, "hidden": 4}
     pairs = [_validation_pair(0)]
@@ -218,7 +218,7 @@ def test_training_that_beats_nothing_hands_back_the_start_and_says_so(tmp_path) 
 
     import yaml
 
-    from dicomnode.pipelines.pet_denoise import train, validation_windows
+    from dicomnode.research.train_pet_denoise import train, validation_windows
 
     small = {"channels": 8, "experts": 2, "blocks": 1, "heads": 2, "hidden": 4}
     pairs = [_validation_pair(0)]
@@ -254,7 +254,7 @@ def test_cached_pairs_simulate_once_then_read_back(tmp_path) -> None:
     (arrays, lesion labels or None, description) without simulating the second."""
     import numpy as np
 
-    from dicomnode.training import cached_pairs
+    from dicomnode.research.training import cached_pairs
 
     low, full, lesions = _validation_pair()
     calls: list[int] = []
@@ -275,7 +275,7 @@ def test_cached_pairs_simulate_once_then_read_back(tmp_path) -> None:
 def test_model_chosen_by_voxel_size_nearest_by_ratio(tmp_path) -> None:
     """Without a model named by the rule, pet-denoise takes the model trained on the voxel
     size nearest (by ratio, on the cube root of the voxel volume) to the series'."""
-    from dicomnode.models import LoadedModel, Manifest, ModelEntry
+    from dicomnode.pipelines.models import LoadedModel, Manifest, ModelEntry
     from dicomnode.pipelines.pet_denoise import choose_model, voxel_mm
 
     def model(name: str, mm: float | None) -> LoadedModel:
@@ -305,7 +305,7 @@ def test_input_outside_the_training_activity_range_is_scaled_into_it_and_back(tm
     import numpy as np
     from pydantic import ValidationError
 
-    from dicomnode.models import LoadedModel, Manifest, ModelEntry
+    from dicomnode.pipelines.models import LoadedModel, Manifest, ModelEntry
     from dicomnode.pipelines.pet_denoise import activity_level, denoise, input_scale
 
     net = DRMC(SMALL)
@@ -351,8 +351,8 @@ def test_models_input_level_writes_the_range_of_a_models_own_training_data(tmp_p
 
     import yaml
 
-    from dicomnode.pipelines.pet_denoise import train
-    from dicomnode.training import save_pairs
+    from dicomnode.research.train_pet_denoise import train
+    from dicomnode.research.training import save_pairs
 
     small = {"channels": 8, "experts": 2, "blocks": 1, "heads": 2, "hidden": 4}
     low, full, lesions = _validation_pair(0)
@@ -402,7 +402,8 @@ def test_scale_augmentation_trains_on_scaled_patches_and_says_so(tmp_path) -> No
     either. A bad range is refused."""
     import yaml
 
-    from dicomnode.pipelines.pet_denoise import activity_level, train
+    from dicomnode.pipelines.pet_denoise import activity_level
+    from dicomnode.research.train_pet_denoise import train
 
     small = {"channels": 8, "experts": 2, "blocks": 1, "heads": 2, "hidden": 4}
     pairs = [_validation_pair(0)]
@@ -429,7 +430,7 @@ def test_lesion_peak_loss_is_the_relative_error_of_each_lesions_maximum() -> Non
     """Per lesion label per patch: sqrt(((max pred - max target) / max target)^2 + eps^2),
     averaged; eps for a prediction that keeps every maximum (whatever else it changes);
     only the maximum voxel gets a gradient; no lesion, no loss."""
-    from dicomnode.pipelines.pet_denoise import lesion_peak_loss
+    from dicomnode.research.train_pet_denoise import lesion_peak_loss
 
     target = torch.ones(2, 1, 8, 8, 8)
     labels = torch.zeros(2, 1, 8, 8, 8, dtype=torch.int64)
@@ -456,7 +457,7 @@ def test_keep_checkpoint_by_psnr_or_by_suvmax_bias() -> None:
     """psnr: the best PSNR that does not raise B_max over the start; b_max: the lowest B_max
     within the PSNR slack of the start (from scratch: of the best PSNR); the untrained start
     is never kept from scratch."""
-    from dicomnode.pipelines.pet_denoise import keep_checkpoint
+    from dicomnode.research.train_pet_denoise import keep_checkpoint
 
     points = [{"psnr": 45.0, "b_max": 0.15}, {"psnr": 45.6, "b_max": 0.16},
               {"psnr": 45.3, "b_max": 0.14}, {"psnr": 44.8, "b_max": 0.11},
@@ -478,7 +479,7 @@ def test_peak_weighted_training_keeps_the_lowest_suvmax_bias_checkpoint(tmp_path
     """--peak-weight with --select b_max: the loss has the SUVmax term (training says so),
     and the written checkpoint is keep_checkpoint's choice; b_max without lesion windows
     is refused."""
-    from dicomnode.pipelines.pet_denoise import keep_checkpoint, train, validation_windows
+    from dicomnode.research.train_pet_denoise import keep_checkpoint, train, validation_windows
 
     small = {"channels": 8, "experts": 2, "blocks": 1, "heads": 2, "hidden": 4}
     pairs = [_validation_pair(0)]

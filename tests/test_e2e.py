@@ -13,10 +13,12 @@ import pytest
 from sqlalchemy import select
 
 from dicomnode.audit.models import Delivery, DeliveryStatus, EventLog, Job, JobStatus, Output
-from dicomnode.localpacs import Orthanc
-from dicomnode.sample import write_phantom_ct
+from dicomnode.demo.localpacs import Orthanc
+from dicomnode.demo.sample import write_phantom_ct
 from tests.conftest import ROOT, free_port, require, storescu, wait_for
 from tests.test_receive import LIDC_UID
+
+pytestmark = pytest.mark.data  # reads ../shared/data
 
 
 @pytest.fixture

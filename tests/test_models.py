@@ -15,10 +15,12 @@ import pytest
 import yaml
 
 from dicomnode.app import check_pipelines
-from dicomnode.models import scan_models
+from dicomnode.dicom.volume import load_series
+from dicomnode.pipelines.models import scan_models
 from dicomnode.settings import ConfigError, parse_settings
-from dicomnode.volume import load_series
 from tests.conftest import DATA, ROOT
+
+pytestmark = pytest.mark.data  # reads ../shared/data
 
 warnings.filterwarnings("ignore", category=UserWarning)
 CT3 = DATA / "seg" / "dcmqi" / "ct-3slice"
@@ -142,7 +144,7 @@ def test_model_cache_loads_once_and_notices_new_weights(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    import dicomnode.models as registry
+    import dicomnode.pipelines.models as registry
 
     models = tmp_path / "models"
     bundle = make_bundle(models)

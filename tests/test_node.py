@@ -8,12 +8,15 @@ import threading
 from pathlib import Path
 
 import pydicom
+import pytest
 from pynetdicom import AE
 from sqlalchemy import select
 
 from dicomnode.audit.models import EventLog, Instance, Job, JobStatus, Series, SeriesState
 from tests.conftest import storescu, wait_for
 from tests.test_receive import LIDC_UID
+
+pytestmark = pytest.mark.data  # reads ../shared/data
 
 
 def test_worker_death_is_reclaimed_and_job_succeeds(make_node, lidc_copy: Path) -> None:

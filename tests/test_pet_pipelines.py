@@ -9,14 +9,16 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.models import scan_models
-from dicomnode.offline import run_folder
+from dicomnode.dicom.volume import load_series
 from dicomnode.pipelines.ct_tissue import body_mask
+from dicomnode.pipelines.models import scan_models
+from dicomnode.pipelines.offline import run_folder
 from dicomnode.pipelines.pet_denoise import DEFAULT_MODELS, voxel_mm
 from dicomnode.settings import parse_settings
-from dicomnode.volume import load_series
 from tests.conftest import DATA, LIDC, ROOT
 from tests.dicomtools import dciodvfy
+
+pytestmark = pytest.mark.data  # reads ../shared/data
 
 warnings.filterwarnings("ignore", category=UserWarning)
 SETTINGS = parse_settings({})
@@ -160,8 +162,9 @@ def test_ct2pet_training_writes_district_models(tmp_path: Path) -> None:
     model drawn around its own voxels; the model directory loads and synthesizes."""
     import yaml
 
-    from dicomnode.models import scan_models
-    from dicomnode.pipelines.ct2pet import load_generators, predict, train_ct2pet
+    from dicomnode.pipelines.ct2pet import load_generators, predict
+    from dicomnode.pipelines.models import scan_models
+    from dicomnode.research.train_ct2pet import train_ct2pet
 
     rng = np.random.default_rng(0)
     cases = []
@@ -195,8 +198,9 @@ def test_ct2pet_keeps_the_seed_best_on_validation(tmp_path: Path) -> None:
     validation MAE is written; the written weights give the MAE recorded for them."""
     import json
 
-    from dicomnode.models import scan_models
-    from dicomnode.pipelines.ct2pet import load_generators, train_ct2pet, validation_mae
+    from dicomnode.pipelines.ct2pet import load_generators
+    from dicomnode.pipelines.models import scan_models
+    from dicomnode.research.train_ct2pet import train_ct2pet, validation_mae
 
     rng = np.random.default_rng(1)
 
@@ -258,7 +262,7 @@ def test_train_ct2pet_cli_refuses_bad_validation_before_simulating(tmp_path: Pat
 
 def test_ct2pet_training_names_an_unknown_district(tmp_path: Path) -> None:
     """A misspelt district for the district-only loss is an error naming it, before training."""
-    from dicomnode.pipelines.ct2pet import train_ct2pet
+    from dicomnode.research.train_ct2pet import train_ct2pet
 
     ct = np.zeros((8, 8, 8), np.float32)
     with pytest.raises(ValueError, match="'arm'"):
@@ -272,7 +276,8 @@ def test_pix2pix_fine_tuning_starts_from_the_given_weights() -> None:
     run stays far closer to the first run's weights than a fresh network is."""
     import torch
 
-    from dicomnode.pipelines.ct2pet import Generator, train_pix2pix
+    from dicomnode.pipelines.nets.pix2pix import Generator
+    from dicomnode.research.train_ct2pet import train_pix2pix
 
     rng = np.random.default_rng(0)
     ct = rng.uniform(0, 1, (36, 36, 36)).astype(np.float32)
@@ -294,7 +299,7 @@ def test_pix2pix_loss_masks_count_only_the_district() -> None:
     """train_pix2pix(loss_masks=...): the L1 term sees only the masked voxels. Two targets that
     differ only outside the mask give the same first L1 with the mask, different without it
     (the first L1 is computed before any generator update)."""
-    from dicomnode.pipelines.ct2pet import train_pix2pix
+    from dicomnode.research.train_ct2pet import train_pix2pix
 
     rng = np.random.default_rng(0)
     ct = rng.uniform(0, 1, (36, 36, 36)).astype(np.float32)
@@ -316,7 +321,7 @@ def test_pix2pix_loss_masks_count_only_the_district() -> None:
 def test_pix2pix_patches_flip_ct_pet_and_mask_together() -> None:
     """sample_patches(flips=True) mirrors some patches left-right, and the CT, PET and loss
     mask of a patch always together; without flips none is mirrored."""
-    from dicomnode.pipelines.ct2pet import sample_patches
+    from dicomnode.research.train_ct2pet import sample_patches
 
     x = np.arange(40, dtype=np.float32) / 40  # rises left to right
     ct = np.broadcast_to(x, (36, 36, 40)).copy()
@@ -336,7 +341,8 @@ def test_ema_update_is_a_moving_average_of_the_weights() -> None:
     """ema_update: average <- d * average + (1 - d) * model, for every parameter."""
     import torch
 
-    from dicomnode.pipelines.ct2pet import Generator, ema_update
+    from dicomnode.pipelines.nets.pix2pix import Generator
+    from dicomnode.research.train_ct2pet import ema_update
 
     torch.manual_seed(0)
     avg, model = Generator(4), Generator(4)
@@ -351,7 +357,8 @@ def test_ct2pet_predict_in_a_region_equals_the_whole_volume_there() -> None:
     values inside the region are those of the whole-volume pass, and fewer patches are run."""
     import torch
 
-    from dicomnode.pipelines.ct2pet import Generator, _patches, predict
+    from dicomnode.pipelines.ct2pet import _patches, predict
+    from dicomnode.pipelines.nets.pix2pix import Generator
 
     torch.manual_seed(0)
     gen = Generator(4)

@@ -21,8 +21,10 @@ from dicomnode.audit.models import (
     Series,
     SeriesState,
 )
-from dicomnode.scu import echo
+from dicomnode.dicom.net import echo
 from tests.conftest import DATA, NodeProcess, storescu, wait_for
+
+pytestmark = pytest.mark.data  # reads ../shared/data
 
 LIDC_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 

@@ -11,12 +11,14 @@ import highdicom as hd
 import numpy as np
 import pytest
 
-from dicomnode.sample import phantom_hu, write_phantom_ct
-from dicomnode.simulate import simulate_pet, thin_counts
-from dicomnode.simulate_io import nominal_activity, write_case
-from dicomnode.volume import load_series
+from dicomnode.demo.sample import phantom_hu, write_phantom_ct
+from dicomnode.dicom.volume import load_series
+from dicomnode.research.simulate import simulate_pet, thin_counts
+from dicomnode.research.simulate_io import nominal_activity, write_case
 from tests.conftest import DATA, ROOT
 from tests.dicomtools import dciodvfy
+
+pytestmark = pytest.mark.data  # reads ../shared/data
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -49,7 +51,7 @@ def test_lesions_lie_inside_the_body() -> None:
     twin's lesion SEG and the benchmark's lesion masks hold no air (they held 643 voxels of it
     in this case before the labels were clipped)."""
     from dicomnode.pipelines.ct_tissue import body_mask
-    from dicomnode.simulate import activity_map
+    from dicomnode.research.simulate import activity_map
 
     hu = phantom_hu(24, 96)
     suv, labels = activity_map(hu, (2.5, 2.8, 2.8), rng=np.random.default_rng(2), lesions=10,
@@ -108,7 +110,7 @@ def test_lowdose_from_a_real_pet(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def body() -> object:
-    from dicomnode.phantom import whole_body
+    from dicomnode.research.phantom import whole_body
 
     return whole_body(11, slice_mm=6.0, pixel_mm=5.0)
 
@@ -134,7 +136,7 @@ def test_districts_of_the_whole_body_phantom(body) -> None:
 
 
 def test_organ_uptake_in_the_activity_map(body) -> None:
-    from dicomnode.simulate import ORGAN_SUV, UPTAKE, activity_map
+    from dicomnode.research.simulate import ORGAN_SUV, UPTAKE, activity_map
 
     suv, labels = activity_map(body.hu, body.spacing, rng=np.random.default_rng(5), lesions=0,
                                organs=body.organs)
@@ -149,7 +151,7 @@ def test_organ_uptake_in_the_activity_map(body) -> None:
 
 def test_mediastinum_of_a_real_chest_ct_is_blood_pool() -> None:
     from dicomnode.pipelines.ct_tissue import body_mask
-    from dicomnode.simulate import ORGAN_SUV, activity_map, mediastinum
+    from dicomnode.research.simulate import ORGAN_SUV, activity_map, mediastinum
 
     vol = load_series(sorted((DATA / "ct" / "lidc-idri-0001").glob("*.dcm")))
     hu = vol.array[:, ::2, ::2]
@@ -196,7 +198,7 @@ def test_training_from_a_sites_own_pairs(tmp_path: Path) -> None:
     import torch
     import yaml
 
-    from dicomnode.training import resample_onto
+    from dicomnode.research.training import resample_onto
 
     files = write_phantom_ct(tmp_path / "ct-src", slices=40, size=160)
     case = write_case(files, tmp_path / "case", drfs=(4,), angles=48)
@@ -258,7 +260,7 @@ def test_denoise_training_cases_on_the_pet_grids_asked_for(monkeypatch: pytest.M
     """`train pet-denoise --pet-mm 2 --pet-mm 4`: case i is reconstructed on the i-th grid
     (modulo), the same anatomy twice as finely on 2 mm as on 4 mm, and the description says
     which grids; a voxel size of 0 is refused."""
-    from dicomnode.training import simulated_pet_pairs
+    from dicomnode.research.training import simulated_pet_pairs
 
     monkeypatch.setenv("DICOMNODE_TEST_DATA", str(tmp_path))  # no LIDC CT: phantoms only
     mixed, desc = simulated_pet_pairs(cases=2, drfs=(4,), z_window_mm=40.0, pet_mm=(2.0, 4.0))
@@ -284,8 +286,8 @@ def test_count_scale_gives_the_cases_more_counts_and_less_noise(monkeypatch: pyt
     """`train pet-denoise --count-scale 1 16`: the cases acquire 1 to 16 times the counts; the
     same anatomy and activity (the other draws are unchanged), a less noisy low-dose image, and
     the description says so; a reversed range is refused."""
-    from dicomnode.simulate import gaussian_fwhm
-    from dicomnode.training import simulated_pet_pairs
+    from dicomnode.research.simulate import gaussian_fwhm
+    from dicomnode.research.training import simulated_pet_pairs
 
     monkeypatch.setenv("DICOMNODE_TEST_DATA", str(tmp_path))  # no LIDC CT: phantoms only
     plain, desc = simulated_pet_pairs(cases=2, drfs=(10,), z_window_mm=40.0)
@@ -316,7 +318,7 @@ def test_osem_stays_bounded_on_sparse_counts() -> None:
     counts per object voxel), OSEM used to write values 6.3e9 times the slice's maximum (a
     ratio against an estimate clamped at 1e-9); now 127 times, asked within 1000 (noise at 500
     counts in the slice, but finite, and the slice's sum kept: 1.03 of the truth's)."""
-    from dicomnode.simulate import osem, project, thin_counts
+    from dicomnode.research.simulate import osem, project, thin_counts
 
     src = sorted(p for p in (DATA / "pet" / "ge-signa-petmr-fdg").iterdir() if p.is_file())
     img = np.clip(load_series(src, modality="PT").array, 0, None)

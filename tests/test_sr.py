@@ -11,7 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.offline import run_folder
+from dicomnode.dicom.volume import load_series
+from dicomnode.dicom.write.common import OutputIdentity, save
+from dicomnode.dicom.write.ct import build_derived_ct
+from dicomnode.pipelines.offline import run_folder
 from dicomnode.pipelines.sr4zct import (
     SRBudget,
     _centres,
@@ -24,11 +27,10 @@ from dicomnode.pipelines.sr4zct import (
     upsample_matrix,
 )
 from dicomnode.settings import parse_settings
-from dicomnode.volume import load_series
-from dicomnode.write.common import OutputIdentity, save
-from dicomnode.write.ct import build_derived_ct
 from tests.conftest import LIDC
 from tests.dicomtools import dciodvfy
+
+pytestmark = pytest.mark.data  # reads ../shared/data
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -16,9 +16,11 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["make_engine", "make_sessionmaker", "transaction", "migrate", "DB_DIR"]
+from dicomnode import resources
 
-DB_DIR = Path(__file__).resolve().parents[2] / "db"
+__all__ = ["make_engine", "make_sessionmaker", "transaction", "migrate"]
+
+
 
 
 class WriteLock:
@@ -123,7 +125,7 @@ def alembic_config(url: str) -> Any:
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(DB_DIR))
+    cfg.set_main_option("script_location", str(resources.shipped("db")))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

@@ -9,6 +9,7 @@ separated); they are imported in every process, workers included.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,17 @@ class PipelineSpec:
         Input modalities it accepts.
     description
         One line for ``dicomnode models list`` / status.
+    series_number
+        The pipeline's own number: its results' SeriesNumber is the config's
+        ``output.series_number_offset`` plus this, whatever else is registered.
+    requires
+        Python modules the run function needs beyond the core install (torch, monai: the
+        ``ml`` extra); a rule naming the pipeline without them is a config error.
+
+    Raises
+    ------
+    ValueError
+        ``series_number`` outside 0-999.
     """
 
     name: str
@@ -55,6 +67,17 @@ class PipelineSpec:
     entry_point: str
     modalities: tuple[str, ...]
     description: str
+    series_number: int
+    requires: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.series_number <= 999:
+            raise ValueError(f"pipeline {self.name!r}: series_number {self.series_number} is "
+                             "not in 0-999")
+
+    def missing(self) -> list[str]:
+        """The modules in ``requires`` that cannot be imported here."""
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
     def load(self) -> RunFunction:
         """Import and return the run function."""
@@ -68,7 +91,18 @@ _PLUGINS_LOADED = False
 
 
 def register(spec: PipelineSpec) -> PipelineSpec:
-    """Add (or replace) a pipeline in the registry."""
+    """Add (or replace) a pipeline in the registry.
+
+    Raises
+    ------
+    ValueError
+        Another pipeline already has ``spec.series_number``.
+    """
+    clash = [s.name for s in _REGISTRY.values()
+             if s.series_number == spec.series_number and s.name != spec.name]
+    if clash:
+        raise ValueError(f"pipeline {spec.name!r}: series_number {spec.series_number} is "
+                         f"already {clash[0]!r}'s")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -105,13 +139,12 @@ def job_context(
     progress: Callable[[float], None] | None = None,
 ) -> JobContext:
     """The context of one run, the same for a job in the node and for ``dicomnode run``."""
-    names = sorted(known_pipelines())
     extra: dict[str, Any] = {"progress": progress} if progress is not None else {}
     return JobContext(
         job_id=job_id, pipeline=spec.name, pipeline_version=spec.version,
         series_instance_uid=series_instance_uid, input_files=input_files,
         output_dir=output_dir, device=device,
-        series_number=settings.output.series_number_offset + names.index(spec.name),
+        series_number=settings.output.series_number_offset + spec.series_number,
         series_description_prefix=settings.output.series_description_prefix,
         seg_type=seg_type,
         options={"preview": settings.output.previews if preview is None else preview,

@@ -9,20 +9,10 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from dicomnode.dicom.refusal import PipelineRefusal
+
 __all__ = ["JobContext", "OutputFile", "PipelineRefusal", "RunFunction", "job_model",
-           "note_model", "save_outputs"]
-
-
-class PipelineRefusal(Exception):
-    """The input cannot be handled (tilted, gapped, mixed, wrong units...): not retried.
-
-    The message is recorded as the job's error detail; it must not contain PHI.
-    """
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(f"{code}: {reason}")
-        self.code = code
-        self.reason = reason
+           "note_model", "resolve_device", "save_outputs"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +59,7 @@ def job_model(ctx: JobContext, *, default: str | Sequence[str] | None = None,
     cache; a refusal with the reason when there is none or it cannot be used. With several
     defaults, those that load are given to ``choose``, which returns one and why (the ones
     missing are skipped). ``ctx.model_used`` says which model and why."""
-    from dicomnode.models import ModelError, cached_model
+    from dicomnode.pipelines.models import ModelError, cached_model
 
     named = ctx.options.get("model")
     names = [str(named)] if named else [default] if isinstance(default, str) else list(
@@ -104,7 +94,7 @@ def model_identity(ctx: JobContext, volume: Any, manifest: Any, *, kind: str,
                    description: str) -> Any:
     """The OutputIdentity of a model pipeline's series: the job's naming and numbering, the
     model's name, version and training data (what every AI output must say)."""
-    from dicomnode.write.common import OutputIdentity
+    from dicomnode.dicom.write.common import OutputIdentity
 
     return OutputIdentity(
         source_series_uid=volume.series_instance_uid, pipeline=ctx.pipeline,
@@ -117,7 +107,7 @@ def model_identity(ctx: JobContext, volume: Any, manifest: Any, *, kind: str,
 def save_outputs(datasets: list[Dataset], output_dir: Path, *, kind: str,
                  prefix: str) -> list[OutputFile]:
     """Write each data set as ``<prefix>-<index>.dcm`` and describe it for the job."""
-    from dicomnode.write.common import save
+    from dicomnode.dicom.write.common import save
 
     outputs = []
     for index, ds in enumerate(datasets):
@@ -126,3 +116,14 @@ def save_outputs(datasets: list[Dataset], output_dir: Path, *, kind: str,
                                   sop_instance_uid=str(ds.SOPInstanceUID),
                                   series_instance_uid=str(ds.SeriesInstanceUID), path=path))
     return outputs
+
+
+def resolve_device(setting: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu`` (torch imported only here)."""
+    if setting != "auto":
+        return setting
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"

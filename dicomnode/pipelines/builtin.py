@@ -1,4 +1,8 @@
-"""The pipelines that ship with dicomnode."""
+"""The pipelines that ship with dicomnode.
+
+Each one's ``series_number`` is fixed (results: SeriesNumber 9000 + it by default): a plugin
+cannot renumber them. Pipelines that need torch/MONAI say so in ``requires`` (the ``ml`` extra).
+"""
 
 from dicomnode.pipelines import PipelineSpec, register
 
@@ -9,6 +13,7 @@ register(
         entry_point="dicomnode.pipelines.ct_tissue:run",
         modalities=("CT",),
         description="Weight-free CT tissue and district segmentation (HU thresholds, morphology)",
+        series_number=2,
     )
 )
 
@@ -19,6 +24,8 @@ register(
         entry_point="dicomnode.pipelines.ct_sr:run",
         modalities=("CT",),
         description="SR4ZCT through-plane super-resolution, self-supervised per series",
+        series_number=1,
+        requires=("torch",),
     )
 )
 
@@ -29,6 +36,8 @@ register(
         entry_point="dicomnode.pipelines.ct_organs:run",
         modalities=("CT",),
         description="A segmentation model from models/ (MONAI bundle or manifest) -> SEG",
+        series_number=0,
+        requires=("torch", "monai"),
     )
 )
 
@@ -39,6 +48,8 @@ register(
         entry_point="dicomnode.pipelines.pet_denoise:run",
         modalities=("PT",),
         description="Low-dose PET enhancement with DRMC -> derived PET (units and SUV kept)",
+        series_number=4,
+        requires=("torch", "monai"),
     )
 )
 
@@ -49,5 +60,7 @@ register(
         entry_point="dicomnode.pipelines.ct2pet:run",
         modalities=("CT",),
         description="District-specific 3-D Pix2Pix CT -> synthetic PET (SUV), labelled synthetic",
+        series_number=3,
+        requires=("torch",),
     )
 )

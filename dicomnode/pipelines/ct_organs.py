@@ -15,7 +15,9 @@ import time
 import numpy as np
 from pydicom.sr.coding import Code
 
-from dicomnode.models import LoadedModel, ModelEntry
+from dicomnode.dicom.volume import load_series
+from dicomnode.dicom.write.common import save
+from dicomnode.dicom.write.seg import SegmentSpec, build_seg
 from dicomnode.pipelines.base import (
     JobContext,
     OutputFile,
@@ -23,9 +25,7 @@ from dicomnode.pipelines.base import (
     job_model,
     model_identity,
 )
-from dicomnode.volume import load_series
-from dicomnode.write.common import save
-from dicomnode.write.seg import SegmentSpec, build_seg
+from dicomnode.pipelines.models import LoadedModel, ModelEntry
 
 __all__ = ["infer_labels", "run"]
 

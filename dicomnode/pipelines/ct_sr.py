@@ -12,11 +12,11 @@ import time
 
 import numpy as np
 
+from dicomnode.dicom.volume import SeriesVolume, load_series
+from dicomnode.dicom.write.common import OutputIdentity
+from dicomnode.dicom.write.ct import build_derived_ct
 from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal, save_outputs
 from dicomnode.pipelines.sr4zct import SRBudget, super_resolve
-from dicomnode.volume import SeriesVolume, load_series
-from dicomnode.write.common import OutputIdentity
-from dicomnode.write.ct import build_derived_ct
 
 __all__ = ["output_affine", "run"]
 

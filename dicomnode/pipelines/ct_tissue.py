@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from dicomnode.dicom.volume import SeriesVolume, load_series
+from dicomnode.dicom.write.common import OutputIdentity, save
+from dicomnode.dicom.write.seg import ANATOMICAL_STRUCTURE, TISSUE, SegmentSpec, build_seg, sct
 from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal
-from dicomnode.volume import SeriesVolume, load_series
-from dicomnode.write.common import OutputIdentity, save
-from dicomnode.write.seg import ANATOMICAL_STRUCTURE, TISSUE, SegmentSpec, build_seg, sct
 
 __all__ = ["SEGMENTS", "TissueResult", "districts", "run", "segment_tissue"]
 
@@ -201,7 +201,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
     t3 = time.perf_counter()
     ctx.timings.update(read_s=t1 - t0, infer_s=t2 - t1, write_s=t3 - t2)
     if ctx.options.get("preview"):
-        from dicomnode.preview import seg_preview
+        from dicomnode.dicom.preview import seg_preview
 
         shown = [k for k in keys if k in TISSUE_KEYS]
         seg_preview(volume.array, volume.spacing,

@@ -1,0 +1,5 @@
+"""``python -m dicomnode.cli``."""
+
+from dicomnode.cli import main
+
+main()

@@ -1,0 +1,7 @@
+"""``python -m dicomnode.demo``."""
+
+import sys
+
+from dicomnode.demo.run import main
+
+sys.exit(main())

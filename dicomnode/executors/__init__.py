@@ -1,8 +1,0 @@
-"""Executors: where jobs run. ``local`` (spawned worker processes) is the default."""
-
-from dicomnode.executors.base import Executor
-from dicomnode.executors.local import LocalExecutor
-
-EXECUTORS: dict[str, type[Executor]] = {"local": LocalExecutor}
-
-__all__ = ["EXECUTORS", "Executor", "LocalExecutor"]

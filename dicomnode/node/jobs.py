@@ -1,0 +1,265 @@
+"""Jobs: the job table is the queue (one row per input set, pipeline and version).
+
+States: QUEUED -> RUNNING -> SUCCEEDED / FAILED (refused, not retried) / DEAD (attempts spent).
+Claiming is ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL; on SQLite every transaction
+is ``BEGIN IMMEDIATE`` (see :mod:`dicomnode.audit.db`), which serialises claimers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.audit.db import transaction
+from dicomnode.audit.events import AuditEventID, Outcome, record_event
+from dicomnode.audit.models import Job, JobStatus, Series, utcnow
+
+__all__ = [
+    "ClaimedJob",
+    "claim_job",
+    "enqueue_job",
+    "finish_job",
+    "heartbeat",
+    "idempotency_key",
+    "reclaim_expired",
+]
+
+
+def idempotency_key(
+    *, series_instance_uid: str, pipeline: str, pipeline_version: str, input_sha256: str
+) -> str:
+    """The job's identity: the same input set through the same pipeline version runs once."""
+    raw = "|".join((series_instance_uid, pipeline, pipeline_version, input_sha256))
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def enqueue_job(
+    session: Session,
+    *,
+    series: Series,
+    rule_name: str,
+    pipeline: str,
+    pipeline_version: str,
+    input_sha256: str,
+    destinations: list[str],
+    max_attempts: int,
+    model_name: str | None = None,
+    model_version: str | None = None,
+) -> int | None:
+    """Insert a job unless its idempotency key exists; returns the new id or ``None``.
+
+    The key covers the model too: a new model version runs the series again.
+    """
+    key = idempotency_key(
+        series_instance_uid=series.series_instance_uid,
+        pipeline=pipeline,
+        pipeline_version=pipeline_version
+        + (f"+{model_name}@{model_version}" if model_name else ""),
+        input_sha256=input_sha256,
+    )
+    values = dict(
+        idempotency_key=key,
+        series_id=series.id,
+        rule_name=rule_name,
+        pipeline=pipeline,
+        pipeline_version=pipeline_version,
+        model_name=model_name,
+        model_version=model_version,
+        input_sha256=input_sha256,
+        destinations=destinations,
+        status=JobStatus.QUEUED,
+        attempts=0,
+        max_attempts=max_attempts,
+        next_attempt_at=utcnow(),
+        progress=0.0,
+        created_at=utcnow(),
+    )
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = (
+        insert(Job)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(Job.id)
+    )
+    job_id = session.execute(stmt).scalar_one_or_none()
+    record_event(
+        session,
+        "job.queued" if job_id else "job.duplicate",
+        audit_event_id=AuditEventID.APPLICATION_ACTIVITY,
+        actor="route",
+        series_instance_uid=series.series_instance_uid,
+        detail={"job_id": job_id, "pipeline": pipeline, "rule": rule_name, "key": key},
+    )
+    return job_id
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClaimedJob:
+    """A job a worker holds a lease on (an immutable snapshot of the row)."""
+
+    id: int
+    pipeline: str
+    pipeline_version: str
+    series_id: int
+    series_instance_uid: str
+    destinations: tuple[str, ...]
+    attempt: int
+    model_name: str | None = None
+
+
+def claim_job(
+    factory: sessionmaker[Session], *, owner: str, lease_s: float, device: str
+) -> ClaimedJob | None:
+    """Claim the oldest due QUEUED job for ``owner``; ``None`` when there is none."""
+    now = utcnow()
+    with transaction(factory) as session:
+        job = session.execute(
+            select(Job)
+            .where(Job.status == JobStatus.QUEUED, Job.next_attempt_at <= now)
+            .order_by(Job.next_attempt_at, Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).scalar_one_or_none()
+        if job is None:
+            return None
+        job.status = JobStatus.RUNNING
+        job.attempts += 1
+        job.lease_owner = owner
+        job.lease_expires_at = now + timedelta(seconds=lease_s)
+        job.started_at = now
+        job.device = device
+        job.progress = 0.0
+        series_uid = session.execute(
+            select(Series.series_instance_uid).where(Series.id == job.series_id)
+        ).scalar_one()
+        record_event(
+            session,
+            "job.started",
+            audit_event_id=AuditEventID.APPLICATION_ACTIVITY,
+            actor=owner[:64],
+            series_instance_uid=series_uid,
+            detail={"job_id": job.id, "pipeline": job.pipeline, "attempt": job.attempts,
+                    "device": device},
+        )
+        return ClaimedJob(
+            id=job.id,
+            pipeline=job.pipeline,
+            pipeline_version=job.pipeline_version,
+            series_id=job.series_id,
+            series_instance_uid=series_uid,
+            destinations=tuple(job.destinations),
+            attempt=job.attempts,
+            model_name=job.model_name,
+        )
+
+
+def heartbeat(
+    factory: sessionmaker[Session], *, job_id: int, owner: str, lease_s: float,
+    progress: float | None = None,
+) -> bool:
+    """Extend the lease (and record progress); ``False`` if the job is no longer ours."""
+    values: dict[str, object] = {"lease_expires_at": utcnow() + timedelta(seconds=lease_s)}
+    if progress is not None:
+        values["progress"] = max(0.0, min(1.0, progress))
+    with transaction(factory) as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
+            .values(**values)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def finish_job(
+    session: Session,
+    *,
+    job_id: int,
+    owner: str,
+    succeeded: bool,
+    retryable: bool = True,
+    error_code: str | None = None,
+    error_detail: str | None = None,
+    timings: dict[str, float] | None = None,
+    backoff_s: float = 30.0,
+    backoff_max_s: float = 600.0,
+) -> JobStatus:
+    """Close a run in the caller's transaction; a failure is retried until attempts run out,
+    after ``backoff_s`` doubling per attempt, at most ``backoff_max_s``."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.lease_owner != owner or job.status != JobStatus.RUNNING:
+        raise RuntimeError(f"job {job_id} is not held by {owner}")
+    now = utcnow()
+    job.timings = timings
+    job.lease_owner = None
+    job.lease_expires_at = None
+    if succeeded:
+        job.status = JobStatus.SUCCEEDED
+        job.progress = 1.0
+        job.finished_at = now
+        job.error_code = job.error_detail = None
+    elif retryable and job.attempts < job.max_attempts:
+        job.status = JobStatus.QUEUED
+        job.next_attempt_at = now + timedelta(
+            seconds=min(backoff_max_s, backoff_s * 2 ** (job.attempts - 1)))
+        job.error_code, job.error_detail = error_code, error_detail
+    else:
+        job.status = JobStatus.DEAD if retryable else JobStatus.FAILED
+        job.finished_at = now
+        job.error_code, job.error_detail = error_code, error_detail
+    series_uid = session.execute(
+        select(Series.series_instance_uid).where(Series.id == job.series_id)
+    ).scalar_one()
+    record_event(
+        session,
+        f"job.{job.status.value.lower()}",
+        audit_event_id=AuditEventID.APPLICATION_ACTIVITY,
+        outcome=Outcome.SUCCESS if succeeded else Outcome.SERIOUS_FAILURE,
+        actor=owner[:64],
+        series_instance_uid=series_uid,
+        detail={"job_id": job_id, "pipeline": job.pipeline, "attempt": job.attempts,
+                "error_code": error_code, "timings": timings},
+    )
+    return job.status
+
+
+def reclaim_expired(factory: sessionmaker[Session], *, all_running: bool = False) -> int:
+    """Re-queue RUNNING jobs whose lease expired (a worker died); returns how many.
+
+    Parameters
+    ----------
+    all_running
+        At start-up no worker of this node is running yet, so every RUNNING job is an orphan.
+    """
+    now = utcnow()
+    count = 0
+    with transaction(factory) as session:
+        query = select(Job).where(Job.status == JobStatus.RUNNING)
+        if not all_running:
+            query = query.where(Job.lease_expires_at < now)
+        for job in session.execute(query.with_for_update(skip_locked=True)).scalars():
+            dead = job.attempts >= job.max_attempts
+            job.status = JobStatus.DEAD if dead else JobStatus.QUEUED
+            job.error_code = "lease_expired"
+            job.error_detail = f"worker {job.lease_owner} stopped renewing its lease"
+            job.lease_owner = None
+            job.lease_expires_at = None
+            job.next_attempt_at = now
+            if dead:
+                job.finished_at = now
+            record_event(
+                session,
+                "job.reclaimed",
+                audit_event_id=AuditEventID.APPLICATION_ACTIVITY,
+                outcome=Outcome.MINOR_FAILURE,
+                actor="scheduler",
+                detail={"job_id": job.id, "status": job.status.value, "attempts": job.attempts},
+            )
+            count += 1
+    return count

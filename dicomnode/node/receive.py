@@ -1,0 +1,406 @@
+"""Receive: the pynetdicom Storage / Verification SCP.
+
+The network edge is a list of ``(event, handler)`` pairs. Handlers are thin: the C-STORE handler
+parses the header (no pixel decoding), hands the encoded bytes to :mod:`dicomnode.node.spool` and turns
+the outcome, or any exception, into a DIMSE status. Nothing heavier runs on the association thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import sop_class as _sop_class
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.audit.db import transaction
+from dicomnode.audit.events import AuditEventID, Outcome, record_event
+from dicomnode.audit.models import Association, utcnow
+from dicomnode.dicom.net import VERIFICATION, set_nodelay
+from dicomnode.node.spool import InstanceHeader, InvalidInstance, Spool, StoreAction, store_instance
+from dicomnode.settings import Settings
+
+__all__ = [
+    "STORAGE_SOP_CLASSES",
+    "Status",
+    "Receiver",
+    "make_receiver_ae",
+]
+
+log = logging.getLogger(__name__)
+
+_NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+# pynetdicom's list lacks some newer storage classes: add them (ARCHITECTURE.md).
+_EXTRA_STORAGE = {
+    "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.30": "Parametric Map Storage",
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.128": "Positron Emission Tomography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+}
+STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
+    dict.fromkeys([*_sop_class._STORAGE_CLASSES.values(), *_EXTRA_STORAGE])  # noqa: SLF001
+)
+
+
+class Status:
+    """C-STORE DIMSE statuses used here (PS3.4 B.2.3)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_MISMATCH = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+
+
+_EOI_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+}
+
+
+def integrity_problem(ds: Dataset, transfer_syntax: str) -> str | None:
+    """Cheap checks that need no pixel decoding; ``None`` when the data set looks whole.
+
+    * a top-level element shorter than its declared length (a truncated stream);
+    * an IS / DS value that is not a number (a bad VR);
+    * native pixel data shorter than Rows x Columns x samples x bits x frames;
+    * an encapsulated JPEG / JPEG-LS / JPEG 2000 stream without its end-of-image marker.
+    """
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.value is not None \
+                and len(raw.value) < raw.length:
+            return f"truncated: element {raw.tag} has {len(raw.value)} of {raw.length} bytes"
+    for elem in ds.iterall():
+        if elem.tag == 0x7FE00010:
+            continue
+        value = elem.value
+        if elem.VR in ("IS", "DS") and isinstance(value, str) and value.strip():
+            return f"invalid {elem.VR} value {value[:16]!r} in {elem.tag}"
+    if "PixelData" not in ds:
+        return None
+    pixels = ds.PixelData
+    if transfer_syntax in _EOI_SYNTAXES:
+        fragments = list(generate_fragments(pixels))
+        if not fragments or b"\xff\xd9" not in fragments[-1][-4:]:  # EOI, maybe padded
+            return "encapsulated pixel data ends without an end-of-image marker (truncated)"
+    elif transfer_syntax in _NATIVE:
+        try:
+            frames = int(ds.get("NumberOfFrames") or 1)
+            bits = int(ds.BitsAllocated)
+            expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames
+            expected = (expected * bits + 7) // 8
+        except (AttributeError, TypeError, ValueError):
+            return "pixel data without a usable Rows / Columns / BitsAllocated"
+        if len(pixels) < expected:
+            return f"pixel data has {len(pixels)} of {expected} bytes (truncated)"
+    return None
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """An association server that shares its port with sibling processes (SO_REUSEPORT)."""
+
+    def server_bind(self) -> None:  # noqa: D102
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+@dataclass
+class _AssocState:
+    row_id: int
+    calling_ae: str
+    requests: int = 0
+    bytes: int = 0
+    stored: int = 0
+    failed: int = 0
+    end_reason: str = "closed"
+
+
+class Receiver:
+    """The Storage SCP's handlers, bound to a session factory, a spool and the settings.
+
+    Parameters
+    ----------
+    settings
+        Node settings (AE title, allow-list).
+    factory
+        Session factory of the audit database.
+    spool
+        Where instances are filed.
+    patient_secret
+        Key for the patient-id hash.
+    on_association_closed
+        Called after an inbound association ends (the completion sweep uses it to act at once).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        spool: Spool,
+        patient_secret: bytes,
+        on_association_closed: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.spool = spool
+        self.patient_secret = patient_secret
+        self.on_association_closed = on_association_closed
+        self._states: weakref.WeakKeyDictionary[Any, _AssocState] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    # -- handlers -------------------------------------------------------------------------
+    def handlers(self) -> list[Any]:
+        """The ``(event, handler)`` pairs to bind to the server."""
+        return [
+            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_ABORTED, self.on_aborted),
+            (evt.EVT_CONN_CLOSE, self.on_conn_close),
+        ]
+
+    def _peer_allowed(self, calling_ae: str, host: str) -> bool:
+        peers = self.settings.node.allowed_peers
+        if not peers:
+            return True
+        return any(
+            p.ae_title.strip() == calling_ae and (p.host is None or p.host == host) for p in peers
+        )
+
+    def on_requested(self, event: Any) -> None:
+        """EVT_REQUESTED: reject peers that are not on the allow-list, with a security alert."""
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        host, port = assoc.requestor.address, assoc.requestor.port
+        if self._peer_allowed(calling, host):
+            return
+        # 0x01 rejected-permanent, 0x01 service-user, 0x03 calling AE title not recognised
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        try:
+            with transaction(self.factory) as session:
+                session.add(
+                    Association(
+                        direction="in", calling_ae=calling[:16],
+                        called_ae=str(assoc.requestor.primitive.called_ae_title).strip()[:16],
+                        peer_host=str(host)[:64], peer_port=int(port), accepted=False,
+                        reject_reason="peer not in allowed_peers", ended_at=utcnow(),
+                        end_reason="rejected",
+                    )
+                )
+                record_event(
+                    session, "association.rejected", audit_event_id=AuditEventID.SECURITY_ALERT,
+                    outcome=Outcome.SERIOUS_FAILURE, actor=calling[:64],
+                    detail={"peer_host": str(host), "reason": "peer not in allowed_peers"},
+                )
+        except Exception:  # the reject stands even if the audit write fails
+            log.exception("could not record a rejected association")
+
+    def on_accepted(self, event: Any) -> None:
+        """EVT_ACCEPTED: one association row per inbound association."""
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        with transaction(self.factory) as session:
+            row = Association(
+                direction="in", calling_ae=calling[:16],
+                called_ae=str(assoc.acceptor.ae_title).strip()[:16],
+                peer_host=str(assoc.requestor.address)[:64], peer_port=int(assoc.requestor.port),
+            )
+            session.add(row)
+            session.flush()
+            row_id = row.id
+        with self._lock:
+            self._states[assoc] = _AssocState(row_id=row_id, calling_ae=calling)
+
+    def on_echo(self, event: Any) -> int:
+        """EVT_C_ECHO."""
+        return Status.SUCCESS
+
+    def on_store(self, event: Any) -> int | Dataset:
+        """EVT_C_STORE: file the instance, then answer; never 0x0000 for anything not stored."""
+        state = self._states.get(event.assoc)
+        calling = state.calling_ae if state else str(event.assoc.requestor.ae_title).strip()
+        if state:
+            state.requests += 1
+        message_id = int(getattr(event.request, "MessageID", 0) or 0)
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            problem = integrity_problem(ds, str(event.context.transfer_syntax))
+            if problem:
+                raise InvalidInstance(problem)
+            header = InstanceHeader.from_dataset(ds)
+            requested = str(event.request.AffectedSOPInstanceUID or "")
+            if requested and requested != header.sop_instance_uid:
+                raise InvalidInstance(
+                    "SOPInstanceUID in the data set differs from AffectedSOPInstanceUID"
+                )
+        except InvalidInstance as exc:
+            return self._fail(state, calling, Status.DATASET_MISMATCH, "invalid instance", exc)
+        except Exception as exc:  # pydicom could not parse the data set
+            return self._fail(state, calling, Status.CANNOT_UNDERSTAND, "cannot parse", exc)
+        try:
+            data = event.encoded_dataset()
+            result = store_instance(
+                factory=self.factory,
+                spool=self.spool,
+                header=header,
+                data=data,
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                calling_ae=calling,
+                association_id=state.row_id if state else None,
+                message_id=message_id,
+                patient_secret=self.patient_secret,
+            )
+        except Exception as exc:  # disk full, database down, ...: the sender must retry
+            log.exception("storing %s failed", header.sop_instance_uid)
+            return self._fail(
+                state, calling, Status.OUT_OF_RESOURCES, "store failed", exc,
+                sop_instance_uid=header.sop_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+            )
+        if state:
+            state.bytes += len(data)
+            if result.action is StoreAction.CREATE:
+                state.stored += 1
+        return Status.SUCCESS
+
+    def _fail(
+        self,
+        state: _AssocState | None,
+        calling: str,
+        status: int,
+        what: str,
+        exc: BaseException,
+        *,
+        sop_instance_uid: str | None = None,
+        series_instance_uid: str | None = None,
+    ) -> int:
+        if state:
+            state.failed += 1
+        reason = f"{what}: {type(exc).__name__}: {exc}"[:300]
+        try:
+            with transaction(self.factory) as session:
+                record_event(
+                    session, "instance.failed", audit_event_id=AuditEventID.IMPORT,
+                    outcome=Outcome.SERIOUS_FAILURE, actor=calling[:64],
+                    series_instance_uid=series_instance_uid,
+                    detail={
+                        "dimse_status": status, "reason": reason,
+                        "sop_instance_uid": sop_instance_uid,
+                        "association_id": state.row_id if state else None,
+                    },
+                )
+        except Exception:
+            log.exception("could not record a failed C-STORE")
+            return Status.OUT_OF_RESOURCES
+        return status
+
+    def on_released(self, event: Any) -> None:
+        """EVT_RELEASED."""
+        state = self._states.get(event.assoc)
+        if state:
+            state.end_reason = "released"
+
+    def on_aborted(self, event: Any) -> None:
+        """EVT_ABORTED."""
+        state = self._states.get(event.assoc)
+        if state:
+            state.end_reason = "aborted"
+
+    def on_conn_close(self, event: Any) -> None:
+        """EVT_CONN_CLOSE: close the association row and log what it transferred."""
+        with self._lock:
+            state = self._states.pop(event.assoc, None)
+        if state is None:
+            return
+        try:
+            with transaction(self.factory) as session:
+                session.execute(
+                    update(Association).where(Association.id == state.row_id).values(
+                        ended_at=utcnow(), end_reason=state.end_reason,
+                        requests=state.requests, bytes=state.bytes,
+                    )
+                )
+                record_event(
+                    session, "association.closed",
+                    audit_event_id=AuditEventID.INSTANCES_TRANSFERRED,
+                    outcome=Outcome.SUCCESS if not state.failed else Outcome.MINOR_FAILURE,
+                    actor=state.calling_ae[:64],
+                    detail={
+                        "association_id": state.row_id, "end": state.end_reason,
+                        "requests": state.requests, "stored": state.stored,
+                        "failed": state.failed, "bytes": state.bytes,
+                    },
+                )
+        except Exception:
+            log.exception("could not close association %s", state.row_id)
+        if self.on_association_closed is not None:
+            self.on_association_closed()
+
+
+def make_receiver_ae(settings: Settings) -> AE:
+    """An AE that accepts Verification and every storage SOP class in every transfer syntax."""
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.maximum_pdu_size = settings.node.max_pdu
+    ae.network_timeout = settings.node.network_timeout_s
+    ae.maximum_associations = 64
+    ae.add_supported_context(VERIFICATION, ALL_TRANSFER_SYNTAXES)
+    for uid in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+@contextlib.contextmanager
+def serving(
+    receiver: Receiver, settings: Settings, *, reuse_port: bool = False
+) -> Iterator[ThreadedAssociationServer]:
+    """Run the SCP in background threads; on exit stop accepting and let in-flight stores end.
+
+    Parameters
+    ----------
+    receiver
+        The bound handlers.
+    settings
+        Address and AE title.
+    reuse_port
+        Bind with SO_REUSEPORT so several processes share the port.
+    """
+    ae = make_receiver_ae(settings)
+    address = (settings.node.host, settings.node.port)
+    server = ae.make_server(
+        address,
+        evt_handlers=receiver.handlers(),
+        server_class=ReusePortServer if reuse_port else ThreadedAssociationServer,
+    )
+    ae._servers.append(server)  # so that server.shutdown() can unregister it
+    thread = threading.Thread(target=server.serve_forever, name="dicomnode-scp", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        # Stop accepting, then give running associations time to finish their stores.
+        server.shutdown()
+        server.server_close()
+        deadline = 60.0
+        for assoc in list(server.active_associations):
+            assoc.join(timeout=deadline)

@@ -1,0 +1,1 @@
+"""Network definitions (torch modules) of the learned pipelines; imported only by workers."""
