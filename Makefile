@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := dcmtk dicom3tools dcm2niix orthanc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck sysdeps venv bench clean
+.PHONY: demo test test-fast lint typecheck sysdeps venv bench clean
 
 ## Debian packages the node and its tests drive (installed only when missing).
 sysdeps:
@@ -30,11 +30,16 @@ venv: $(STAMP)
 demo: sysdeps venv
 	$(PY) -m dicomnode.demo
 
-## Lint, type-check and run the test suite (real DCMTK, Orthanc, PostgreSQL, dciodvfy).
+## Lint, type-check and run the whole test suite (real DCMTK, Orthanc, PostgreSQL, dciodvfy).
 test: sysdeps venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q
+
+## The fast tier, for every change: everything but the tests marked slow.
+test-fast: sysdeps venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -m "not slow"
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -46,4 +51,4 @@ bench: sysdeps venv
 	$(PY) -m bench.ingest
 
 clean:
-	rm -rf var bench/work .pytest_cache .mypy_cache .ruff_cache
+	rm -rf var bench/work build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -26,11 +26,12 @@ import yaml
 
 from bench.ingest import free_port
 from dicomnode.demo.localpacs import Orthanc
+from dicomnode.resources import example_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "e2e"
 RESULTS = ROOT / "bench" / "results" / "e2e.json"
-LIDC = Path(os.environ.get("DICOMNODE_TEST_DATA", ROOT.parent / "shared" / "data")) / "ct" / \
+LIDC = example_data_dir() / "ct" / \
     "lidc-idri-0001"
 LIDC_SERIES = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 

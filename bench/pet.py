@@ -50,10 +50,11 @@ from scipy.ndimage import gaussian_filter
 
 from dicomnode.research.simulate import PET_MM
 from dicomnode.research.training import BENCH_PHANTOM_SEEDS
+from dicomnode.resources import example_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "pet.json"
-DATA = Path(os.environ.get("DICOMNODE_TEST_DATA", ROOT.parent / "shared" / "data"))
+DATA = example_data_dir()
 WORK = ROOT / "bench" / "work" / "pet"
 # held-out simulated cases for pet-denoise: (phantom seed, heights above the soles in mm, PET
 # voxel size in mm); the shipped model saw phantom seeds 1-7

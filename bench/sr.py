@@ -40,10 +40,11 @@ from dicomnode.pipelines.sr4zct import (
     degrade_matrix,
     super_resolve,
 )
+from dicomnode.resources import example_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "sr.json"
-LIDC = Path(os.environ.get("DICOMNODE_TEST_DATA", ROOT.parent / "shared" / "data")) / "ct" / \
+LIDC = example_data_dir() / "ct" / \
     "lidc-idri-0001"
 warnings.simplefilter("ignore")
 LO, HI = -1024.0, 3071.0

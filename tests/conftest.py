@@ -23,8 +23,10 @@ from typing import Any
 import pytest
 import yaml
 
+from dicomnode.resources import example_data_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("DICOMNODE_TEST_DATA", ROOT.parent / "shared" / "data")).resolve()
+DATA = example_data_dir().resolve()
 LIDC = DATA / "ct" / "lidc-idri-0001"
 STORESCU = "/usr/bin/storescu"
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -50,8 +52,21 @@ def require(path: str | Path) -> None:
         pytest.skip(message)
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``data`` skip, saying why, when the real scanner data is absent."""
+    """Tests marked ``data`` skip, saying why, when the real scanner data is absent; tests
+    marked ``gpu`` when no CUDA device is present (never a CI failure: CI has no GPU)."""
+    if any(item.get_closest_marker("gpu") for item in items) and not _cuda():
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(pytest.mark.skip(reason="no CUDA device here"))
     if DATA.is_dir():
         return
     message = (f"real scanner data not found at {DATA} (set DICOMNODE_TEST_DATA to the "

@@ -73,17 +73,25 @@ def test_tampering_is_detected(tmp_path) -> None:
     engine.dispose()
 
 
-def test_three_claimers_get_different_jobs(db_url: str) -> None:
-    migrate(db_url)
-    engine = make_engine(db_url)
+def _queue(url: str, pipelines: list[str], *, max_attempts: int) -> tuple:
+    """A migrated database with one series and a queued job per pipeline."""
+    migrate(url)
+    engine = make_engine(url)
     factory = make_sessionmaker(engine)
     with transaction(factory) as s:
         series = Series(series_instance_uid="1.2.3", study_instance_uid="1.2")
         s.add(series)
         s.flush()
-        for n in range(6):
-            enqueue_job(s, series=series, rule_name="r", pipeline=f"p{n}", pipeline_version="1",
-                        input_sha256="0" * 64, destinations=[], max_attempts=3)
+        for name in pipelines:
+            enqueue_job(s, series=series, rule_name="r", pipeline=name, pipeline_version="1",
+                        input_sha256="0" * 64, destinations=[], max_attempts=max_attempts)
+    return engine, factory
+
+
+def test_three_claimers_get_different_jobs(db_url: str) -> None:
+    engine, factory = _queue(db_url, [f"p{n}" for n in range(6)], max_attempts=3)
+    with transaction(factory) as s:
+        series = s.execute(select(Series)).scalar_one()
         # the same input through the same pipeline version is not queued twice
         assert enqueue_job(s, series=series, rule_name="r", pipeline="p0", pipeline_version="1",
                            input_sha256="0" * 64, destinations=[], max_attempts=3) is None
@@ -118,16 +126,7 @@ def test_job_retries_use_their_own_capped_backoff(tmp_path) -> None:
 
     executor = parse_settings({"executor": {"retry_backoff_s": 30, "retry_backoff_max_s": 600}
                                }).executor
-    url = f"sqlite:///{tmp_path / 'j.db'}"
-    migrate(url)
-    engine = make_engine(url)
-    factory = make_sessionmaker(engine)
-    with transaction(factory) as s:
-        series = Series(series_instance_uid="1.2.3", study_instance_uid="1.2")
-        s.add(series)
-        s.flush()
-        enqueue_job(s, series=series, rule_name="r", pipeline="p", pipeline_version="1",
-                    input_sha256="0" * 64, destinations=[], max_attempts=20)
+    engine, factory = _queue(f"sqlite:///{tmp_path / 'j.db'}", ["p"], max_attempts=20)
     waits = []
     for _ in range(8):
         job = claim_job(factory, owner="w", lease_s=60, device="cpu")

@@ -141,6 +141,7 @@ def test_validation_windows_and_scores_as_bench_defines_them() -> None:
     assert abs(scores["b_max_signed"] - np.mean(bias)) < 1e-6
 
 
+@pytest.mark.slow
 def test_training_writes_the_checkpoint_chosen_on_validation(tmp_path) -> None:
     """With validation pairs, training scores the start, every few seconds and the end, and
     writes the checkpoint with the best PSNR among those with no higher lesion B_max than the
@@ -172,6 +173,7 @@ def test_training_writes_the_checkpoint_chosen_on_validation(tmp_path) -> None:
     assert json.loads((tmp_path / "m" / "training.json").read_text())["kept"] == stats["kept"]
 
 
+@pytest.mark.slow
 def test_train_pet_denoise_cli_refuses_bad_validation_before_simulating(tmp_path) -> None:
     """Validation phantoms that are training or benchmark phantoms, validation pairs without
     site training pairs, or both kinds at once are refused naming the option, before any
@@ -209,6 +211,7 @@ def test_train_pet_denoise_cli_refuses_bad_validation_before_simulating(tmp_path
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_training_that_beats_nothing_hands_back_the_start_and_says_so(tmp_path) -> None:
     """With the optimiser unable to move the weights (lr 0) no checkpoint beats the start:
     the start's weights are written bit for bit, and the manifest's trained_on is the start's,
@@ -475,6 +478,7 @@ def test_keep_checkpoint_by_psnr_or_by_suvmax_bias() -> None:
         keep_checkpoint(points, from_init=True, select="ssim")
 
 
+@pytest.mark.slow
 def test_peak_weighted_training_keeps_the_lowest_suvmax_bias_checkpoint(tmp_path) -> None:
     """--peak-weight with --select b_max: the loss has the SUVmax term (training says so),
     and the written checkpoint is keep_checkpoint's choice; b_max without lesion windows

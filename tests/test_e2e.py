@@ -18,7 +18,7 @@ from dicomnode.demo.sample import write_phantom_ct
 from tests.conftest import ROOT, free_port, require, storescu, wait_for
 from tests.test_receive import LIDC_UID
 
-pytestmark = pytest.mark.data  # reads ../shared/data
+pytestmark = [pytest.mark.data, pytest.mark.slow]  # reads ../shared/data; Orthanc round trips
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ LONG_FUNCTIONS = {
     ("dicom/volume.py", "_load_series"): 160,
     # one transaction whose steps must stay together (the durability order)
     ("node/spool.py", "store_instance"): 89,
-    ("node/executors/worker.py", "run_claimed_job"): 96,
+    ("node/executors/worker.py", "run_claimed_job"): 81,
     # research: a training loop and a phantom's organ table, read top to bottom
     ("research/train_pet_denoise.py", "train"): 171,
     ("research/train_ct2pet.py", "train_ct2pet"): 123,

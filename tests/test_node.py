@@ -46,6 +46,7 @@ def test_worker_death_is_reclaimed_and_job_succeeds(make_node, lidc_copy: Path) 
     assert node.stop() == 0
 
 
+@pytest.mark.slow
 def test_kill9_mid_transfer_loses_nothing_and_completes_once(make_node, lidc_copy: Path) -> None:
     # the crashed association never counts as finished, so the series completes by the quiet
     # period; it must outlast the restart and the checks below (3 s did not, on a loaded

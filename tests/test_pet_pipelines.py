@@ -37,8 +37,9 @@ def test_shipped_models_are_verified_and_say_simulated() -> None:
         assert entry.weights.stat().st_size < 20 * 2**20
 
 
-@pytest.mark.parametrize("name", ["ge-signa-petmr-fdg", "philips-gemini-ctac",
-                                  "ge-advance-bigendian"])
+@pytest.mark.parametrize("name", [pytest.param("ge-signa-petmr-fdg", marks=pytest.mark.slow),
+                                  pytest.param("philips-gemini-ctac", marks=pytest.mark.slow),
+                                  "ge-advance-bigendian"])  # the smallest stays in the fast tier
 def test_pet_denoise_keeps_units_and_suv(tmp_path: Path, name: str) -> None:
     src = DATA / "pet" / name
     (paths,) = run_folder(SETTINGS, pipeline="pet-denoise", input_dir=src,
@@ -63,6 +64,7 @@ def test_pet_denoise_keeps_units_and_suv(tmp_path: Path, name: str) -> None:
     assert np.corrcoef(a, b)[0, 1] > 0.8
 
 
+@pytest.mark.slow
 def test_faint_phantom_is_scaled_into_the_models_training_range(tmp_path: Path) -> None:
     """The Philips phantom's SUVs (object median 0.47) lie below a model whose manifest says it
     was trained on activity levels 0.8-1.0: the pipeline scales the series up into that range
@@ -92,6 +94,7 @@ def test_faint_phantom_is_scaled_into_the_models_training_range(tmp_path: Path) 
     assert activity_level(out.array * out.suv.factor) == pytest.approx(level, rel=0.15)
 
 
+@pytest.mark.slow
 def test_ct2pet_synthetic_pet_on_lidc(tmp_path: Path) -> None:
     (paths,) = run_folder(SETTINGS, pipeline="ct2pet", input_dir=LIDC,
                           output_dir=tmp_path).values()
@@ -114,6 +117,7 @@ def test_ct2pet_synthetic_pet_on_lidc(tmp_path: Path) -> None:
     assert pet.array[~body].mean() < 0.3 * pet.array[soft].mean()
 
 
+@pytest.mark.slow
 def test_pet_denoise_and_ct2pet_run_from_rules_in_the_node(make_node) -> None:
     """A PET and a CT sent to a running node come back as an enhanced PET and a synthetic PET,
     each job recording the model and version it used: the one the rule names (ct2pet), or
@@ -157,6 +161,7 @@ def test_pet_denoise_and_ct2pet_run_from_rules_in_the_node(make_node) -> None:
     assert node.stop() == 0
 
 
+@pytest.mark.slow
 def test_ct2pet_training_writes_district_models(tmp_path: Path) -> None:
     """train_ct2pet: a whole-body model plus one per district present, patches of a district
     model drawn around its own voxels; the model directory loads and synthesizes."""
@@ -193,6 +198,7 @@ def test_ct2pet_training_writes_district_models(tmp_path: Path) -> None:
     assert out.shape == (40, 40, 40) and out.min() >= 0 and out.max() <= 20
 
 
+@pytest.mark.slow
 def test_ct2pet_keeps_the_seed_best_on_validation(tmp_path: Path) -> None:
     """seeds_per_model=2: each model is trained from two seeds and the one with the lower
     validation MAE is written; the written weights give the MAE recorded for them."""
@@ -239,6 +245,7 @@ def test_ct2pet_keeps_the_seed_best_on_validation(tmp_path: Path) -> None:
         assert written == pytest.approx(min(maes), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_train_ct2pet_cli_refuses_bad_validation_before_simulating(tmp_path: Path) -> None:
     """Validation phantoms that are training or benchmark phantoms, or site pairs without
     validation studies, are refused naming the option, before any data is simulated or

@@ -94,6 +94,7 @@ def test_suv_round_trip_through_dicom(tmp_path: Path) -> None:
     assert "SIMULATED" in str(load_series([first]).datasets[0].SeriesDescription)
 
 
+@pytest.mark.slow
 def test_lowdose_from_a_real_pet(tmp_path: Path) -> None:
     src = DATA / "pet" / "philips-gemini-ctac"
     r = subprocess.run([sys.executable, "-m", "dicomnode.cli", "simulate", "lowdose", "--input",
@@ -170,6 +171,7 @@ def test_mediastinum_of_a_real_chest_ct_is_blood_pool() -> None:
     assert lo <= float(np.median(suv[soft_med])) <= hi
 
 
+@pytest.mark.slow
 def test_simulate_whole_body_phantom_from_the_cli(tmp_path: Path) -> None:
     """`dicomnode simulate pet --phantom whole-body`: CT and PET valid, one Frame of Reference,
     the heart's uptake (myocardium, blood pool) above the lungs'."""
@@ -190,6 +192,7 @@ def test_simulate_whole_body_phantom_from_the_cli(tmp_path: Path) -> None:
     assert np.isclose(ct.affine[2, 3], 1202.0)
 
 
+@pytest.mark.slow
 def test_training_from_a_sites_own_pairs(tmp_path: Path) -> None:
     """`dicomnode train pet-denoise --pairs LOW:FULL` and `train ct2pet --pairs CT:PET [--init]` on DICOM
     folders (here a simulated study, read back from DICOM like a site's own)."""
@@ -255,6 +258,7 @@ def test_training_from_a_sites_own_pairs(tmp_path: Path) -> None:
         assert moved < 0.01 * scale, name
 
 
+@pytest.mark.slow
 def test_denoise_training_cases_on_the_pet_grids_asked_for(monkeypatch: pytest.MonkeyPatch,
                                                           tmp_path: Path) -> None:
     """`train pet-denoise --pet-mm 2 --pet-mm 4`: case i is reconstructed on the i-th grid
@@ -281,6 +285,7 @@ def test_denoise_training_cases_on_the_pet_grids_asked_for(monkeypatch: pytest.M
         simulated_pet_pairs(cases=1, drfs=(4,), pet_mm=(0.0,))
 
 
+@pytest.mark.slow
 def test_count_scale_gives_the_cases_more_counts_and_less_noise(monkeypatch: pytest.MonkeyPatch,
                                                                 tmp_path: Path) -> None:
     """`train pet-denoise --count-scale 1 16`: the cases acquire 1 to 16 times the counts; the

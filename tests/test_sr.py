@@ -76,6 +76,7 @@ def lidc_crop() -> np.ndarray:
     return vol.array[:, 208:304, 208:304].copy()  # central 96 x 96 pixels (67 mm)
 
 
+@pytest.mark.slow
 def test_sr4zct_beats_linear_on_real_ct(lidc_crop: np.ndarray) -> None:
     gt, r0, r, o = lidc_crop, 2.5, 5.0, 2.5
     thick = apply_axis(degrade_matrix(gt.shape[0], r0, 0, r, o), gt, 0)
@@ -108,6 +109,7 @@ def make_thick_series(folder: Path, sub: int = 24) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_ct_sr_runs_from_a_rule_in_the_node(make_node, tmp_path: Path) -> None:
     from sqlalchemy import select
 
@@ -137,6 +139,7 @@ def test_ct_sr_runs_from_a_rule_in_the_node(make_node, tmp_path: Path) -> None:
     assert node.stop() == 0
 
 
+@pytest.mark.slow
 def test_ct_sr_pipeline_writes_thin_series(tmp_path: Path) -> None:
     src = make_thick_series(tmp_path / "thick")
     thick = load_series(sorted(src.iterdir())).array
@@ -157,5 +160,32 @@ def test_ct_sr_pipeline_writes_thin_series(tmp_path: Path) -> None:
     ds = pydicom.dcmread(paths[0])
     assert float(ds.SliceThickness) == 1.25 and "SR4ZCT" in ds.DerivationDescription
     assert ds.FrameOfReferenceUID == thick_vol.frame_of_reference_uid
+    errors, _ = dciodvfy(paths[0])
+    assert errors == []
+
+
+def test_ct_sr_pipeline_on_a_small_thick_series(tmp_path: Path) -> None:
+    """The fast tier's ct-sr run: a generated 5 mm series (12 x 64 x 64) through the offline
+    path with a tiny training budget; the output is a derived CT at the target thickness,
+    on the source's Frame of Reference, covering the same length, valid for dciodvfy."""
+    from dicomnode.demo.sample import phantom_hu, write_ct_series
+    from dicomnode.pipelines.offline import run_folder
+    from dicomnode.settings import parse_settings
+
+    src = tmp_path / "thick"
+    write_ct_series(src, phantom_hu(12, 64), (5.0, 2.0, 2.0), origin=(-64.0, -64.0, 0.0),
+                    description="thick", body_part="CHEST")
+    settings = parse_settings({"ct_sr": {"train_seconds": 2, "max_iterations": 20,
+                                         "target_thickness_mm": 2.5}})
+    (paths,) = run_folder(settings, pipeline="ct-sr", input_dir=src,
+                          output_dir=tmp_path / "out").values()
+    assert not isinstance(paths, Exception), paths
+    out = load_series(paths)
+    source = load_series(sorted(src.iterdir()))
+    assert out.spacing[0] == pytest.approx(2.5) and out.shape[1:] == (64, 64)
+    assert abs(out.shape[0] * 2.5 - 12 * 5.0) <= 2.5
+    ds = pydicom.dcmread(paths[0])
+    assert ds.FrameOfReferenceUID == source.frame_of_reference_uid
+    assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
     errors, _ = dciodvfy(paths[0])
     assert errors == []

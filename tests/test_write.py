@@ -57,6 +57,7 @@ def test_lidc_volume(lidc) -> None:
     assert np.array_equal(lidc.array[0], hu.astype(np.float32))
 
 
+@pytest.mark.slow
 def test_ct_tissue_on_lidc_end_to_end(tmp_path: Path, lidc, lidc_tissue) -> None:
     ml = float(np.prod(lidc.spacing)) / 1000
     left, right = (lidc_tissue.volume_ml(k, ml) for k in ("lung_left", "lung_right"))
@@ -225,6 +226,7 @@ def test_synthetic_pet_on_ct_grid(tmp_path: Path, lidc) -> None:
     assert np.allclose(a_ct, a_pt, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_derived_ct_new_slices(tmp_path: Path, lidc) -> None:
     aff = lidc.affine.copy()
     aff[:3, 0] /= 2  # 1.25 mm slices
@@ -312,3 +314,21 @@ def test_edge_files_decode_or_refuse(path: Path) -> None:
         return
     vol = load_series([path])
     assert vol.array.ndim == 3 and np.isfinite(vol.array).all()
+
+
+def test_seg_preview_draws_each_segment_outline_in_its_colour(tmp_path: Path) -> None:
+    from dicomnode.dicom.preview import seg_preview
+
+    ct = np.full((10, 32, 32), -1000.0)
+    masks = np.zeros((10, 32, 32, 2), bool)
+    masks[2:8, 8:24, 8:24, 0] = True  # a cube
+    masks[5, 12:20, 12:20, 1] = True  # a square on the axial slice with the most voxels
+    paths = seg_preview(ct, (2.0, 1.0, 1.0), masks, [(255, 0, 0), (0, 255, 0)],
+                        tmp_path / "p")
+    assert [p.name for p in paths] == ["p-axial.png", "p-coronal.png"]
+    from PIL import Image
+
+    axial = np.asarray(Image.open(paths[0]))
+    assert (axial == [255, 0, 0]).all(axis=-1).any() and (axial == [0, 255, 0]).all(axis=-1).any()
+    coronal = np.asarray(Image.open(paths[1]))
+    assert coronal.shape[0] == 20  # 10 slices of 2 mm shown at 1 mm per pixel

@@ -94,18 +94,13 @@ def _settle_series(session: Session, series_id: int) -> None:
     )
 
 
-def run_claimed_job(
-    job: ClaimedJob, *, settings: Settings, factory: sessionmaker[Session], owner: str,
-    device: str,
-) -> JobStatus:
-    """Run one claimed job to its end state, keeping its lease alive meanwhile."""
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+def _job_inputs(factory: sessionmaker[Session], job: ClaimedJob) -> tuple[list[Any], str | None]:
+    """The series' instances (recorded as the job's inputs) and the AE title that sent it."""
     with transaction(factory) as session:
-        inputs = session.execute(
+        inputs = list(session.execute(
             select(Instance.id, Instance.path).where(Instance.series_id == job.series_id)
             .order_by(Instance.instance_number, Instance.id)
-        ).all()
+        ).all())
         have = set(session.execute(
             select(JobInput.instance_id).where(JobInput.job_id == job.id)
         ).scalars())
@@ -113,12 +108,27 @@ def run_claimed_job(
         calling_ae = session.execute(
             select(Series.calling_ae).where(Series.id == job.series_id)
         ).scalar_one()
-    seg_type = "BINARY"
+    return inputs, calling_ae
+
+
+def _seg_type(settings: Settings, job: ClaimedJob) -> str:
+    """The SEG flavour of the job's first known destination (BINARY when none)."""
     for name in job.destinations:
         dest = settings.destinations.get(name)
         if dest is not None:
-            seg_type = dest.seg_type
-            break
+            return dest.seg_type
+    return "BINARY"
+
+
+def run_claimed_job(
+    job: ClaimedJob, *, settings: Settings, factory: sessionmaker[Session], owner: str,
+    device: str,
+) -> JobStatus:
+    """Run one claimed job to its end state, keeping its lease alive meanwhile."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    inputs, calling_ae = _job_inputs(factory, job)
+    seg_type = _seg_type(settings, job)
     progress = {"value": 0.0}
     stop = threading.Event()
 
