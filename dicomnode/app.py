@@ -140,7 +140,8 @@ class Node:
         self.spool = Spool(settings.spool_dir)
         settings.output_dir.mkdir(parents=True, exist_ok=True)
         self.assembler = Assembler(settings=settings, factory=self.factory,
-                                   model_versions=model_versions)
+                                   model_versions=model_versions,
+                                   config_sha256=self.config_sha256)
         self.pusher = Pusher(settings=settings, factory=self.factory)
         sweeps = Sweeps()
         sweeps.add("completion", self.assembler.sweep, settings.schedule.completion_sweep_s)

@@ -141,3 +141,34 @@ def test_job_retries_use_their_own_capped_backoff(tmp_path) -> None:
             row.next_attempt_at = before  # due again at once, for the next round
     assert waits == [30, 60, 120, 240, 480, 600, 600, 600]
     engine.dispose()
+
+
+def test_trace_follows_any_uid_to_the_whole_chain(tmp_path) -> None:
+    from dicomnode.audit.models import Delivery, Output, OutputState
+    from dicomnode.audit.trace import format_trace, trace
+
+    engine, factory = _queue(f"sqlite:///{tmp_path / 't.db'}", ["p"], max_attempts=3)
+    with transaction(factory) as s:
+        job = s.execute(select(Job)).scalar_one()
+        job.weights_sha256, job.model_name, job.model_version = "c" * 64, "m", "2"
+        out = Output(job_id=job.id, kind="SEG", index=0, sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+                     sop_instance_uid="2.25.7", series_instance_uid="2.25.8", path="x.dcm",
+                     state=OutputState.WRITTEN)
+        s.add(out)
+        s.flush()
+        s.add(Delivery(output_id=out.id, destination="pacs", ae_title="PACS", host="h", port=104))
+    with factory() as s:
+        for uid, found_as in (("1.2.3", "input series"), ("1.2", "input study"),
+                              ("2.25.7", "output"), ("2.25.8", "output")):
+            chain = trace(s, uid)
+            assert chain["found_as"] == found_as, uid
+            (series,) = chain["series"]
+            (j,) = series["jobs"]
+            assert series["series_instance_uid"] == "1.2.3"
+            assert j["weights_sha256"] == "c" * 64 and j["outputs"][0]["sop_instance_uid"] == "2.25.7"
+            assert j["outputs"][0]["deliveries"][0]["status"] == "PENDING"
+        text = format_trace(trace(s, "2.25.7"))
+        assert "model m 2, weights sha256 " + "c" * 64 in text and "pacs PENDING" in text
+        unknown = trace(s, "9.9.9")
+        assert unknown == {"uid": "9.9.9", "found_as": "unknown", "series": []}
+    engine.dispose()

@@ -29,13 +29,12 @@ MAX_FUNCTION_LINES = 80
 # Functions over the limit, each with its reason; none may grow, and a new one fails the test.
 LONG_FUNCTIONS = {
     # straight-line DICOM module builders: one attribute block after another
-    ("dicom/write/pet.py", "build_derived_pet"): 125,
-    ("dicom/write/seg.py", "build_seg"): 89,
+    ("dicom/write/pet.py", "build_derived_pet"): 92,
+    ("dicom/write/seg.py", "build_seg"): 87,
     # one geometry check after another, each ending in a refusal with its reason
     ("dicom/volume.py", "_load_series"): 160,
     # one transaction whose steps must stay together (the durability order)
     ("node/spool.py", "store_instance"): 89,
-    ("node/executors/worker.py", "run_claimed_job"): 81,
     # research: a training loop and a phantom's organ table, read top to bottom
     ("research/train_pet_denoise.py", "train"): 171,
     ("research/train_ct2pet.py", "train_ct2pet"): 123,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import pydicom
 import pytest
 
 from dicomnode.dicom.volume import load_series
+from dicomnode.files import file_sha256
 from dicomnode.pipelines.ct_tissue import body_mask
 from dicomnode.pipelines.models import scan_models
 from dicomnode.pipelines.offline import run_folder
@@ -55,7 +59,7 @@ def test_pet_denoise_keeps_units_and_suv(tmp_path: Path, name: str) -> None:
     assert "enhanced" in ds.SeriesDescription and "simulated" in ds.DerivationDescription.lower()
     # no model named: the one trained nearest the series' voxel size, and the series says so
     assert f"chosen for the series' {voxel_mm(source.spacing):.2f} mm voxels" in \
-        ds.DerivationDescription
+        ds.ImageComments
     assert ds.ContributingEquipmentSequence[0].ManufacturerModelName == EXPECTED_MODEL[name]
     errors, _ = dciodvfy(paths[0])
     assert errors == []
@@ -87,7 +91,7 @@ def test_faint_phantom_is_scaled_into_the_models_training_range(tmp_path: Path) 
     source = load_series(sorted(p for p in src.iterdir() if p.is_file()))
     level = activity_level(source.array * source.suv.factor)
     assert 0.4 < level < 0.55
-    description = pydicom.dcmread(paths[0]).DerivationDescription
+    description = pydicom.dcmread(paths[0]).ImageComments
     assert f"input scaled x{0.8 / level:.2f} into the model's training activity range" in \
         description and "SIMULATED" in description
     out = load_series(paths)  # back on the source's scale, not the scaled one
@@ -150,6 +154,9 @@ def test_pet_denoise_and_ct2pet_run_from_rules_in_the_node(make_node) -> None:
         job = jobs[pipeline]
         assert job.status == JobStatus.SUCCEEDED, job.error_detail
         assert (job.model_name, job.model_version) == (model, manifests[model].manifest.version)
+        # the exact weights and the config that routed it (issue: traceability)
+        assert job.weights_sha256 == manifests[model].manifest.sha256
+        assert job.config_sha256 == file_sha256(node.config_path)
     with node.session() as s:
         outputs = s.execute(select(Output)).scalars().all()
     by_job: dict[int, list[Output]] = {}
@@ -158,6 +165,19 @@ def test_pet_denoise_and_ct2pet_run_from_rules_in_the_node(make_node) -> None:
     assert len(by_job[jobs["pet-denoise"].id]) == 35
     assert len(by_job[jobs["ct2pet"].id]) == len(list(LIDC.glob("*.dcm")))
     assert {o.kind for o in outputs} == {"PT"}
+    # `dicomnode trace` on an output instance names its input series and the weights
+    out = by_job[jobs["pet-denoise"].id][0]
+    shown = subprocess.run([sys.executable, "-m", "dicomnode.cli", "trace", "--config",
+                            str(node.config_path), "--json", out.sop_instance_uid],
+                           cwd=node.workdir, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    chain = json.loads(shown.stdout)
+    assert chain["found_as"] == "output"
+    (series,) = chain["series"]
+    assert series["modality"] == "PT" and series["matched_rules"] == ["pet"]
+    (job,) = series["jobs"]
+    assert job["weights_sha256"] == jobs["pet-denoise"].weights_sha256
+    assert out.sop_instance_uid in {o["sop_instance_uid"] for o in job["outputs"]}
     assert node.stop() == 0
 
 

@@ -198,6 +198,10 @@ class Job(Base):
     pipeline_version: Mapped[str] = mapped_column(String(32))
     model_name: Mapped[str | None] = mapped_column(String(64))
     model_version: Mapped[str | None] = mapped_column(String(32))
+    # the exact weights that produced the outputs (set when the job succeeds) and the config
+    # file that routed the series (set when the job is queued)
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    config_sha256: Mapped[str | None] = mapped_column(String(64))
     input_sha256: Mapped[str] = mapped_column(String(64))
     destinations: Mapped[list[str]] = mapped_column(JSON)
     status: Mapped[JobStatus] = mapped_column(

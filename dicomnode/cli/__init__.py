@@ -28,7 +28,7 @@ def main(verbose: bool) -> None:
 
 
 
-for _command in (node.config, node.db, node.serve, node.rules, node.status, node.audit, node.send,
+for _command in (node.config, node.db, node.serve, node.rules, node.status, node.audit, node.trace, node.send,
                  node.echo, node.retry, models.models, models.run_offline, research.train,
                  research.simulate):
     main.add_command(_command)

@@ -246,6 +246,29 @@ def audit(config_path: Path | None, series_uid: str | None, as_json: bool, verif
                    f"{e['actor']:16} {json.dumps(e['detail'])[:120]}")
 
 
+@click.command()
+@CONFIG_OPTION
+@click.argument("uid")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def trace(config_path: Path | None, uid: str, as_json: bool) -> None:
+    """Where UID came from and went: input series -> rule -> job -> model and weights sha256
+    -> outputs -> deliveries. UID: any Study, Series or SOP Instance UID, input or output.
+    Exit 1 when the audit trail does not know it."""
+    from dicomnode.app import open_database
+    from dicomnode.audit.trace import format_trace
+    from dicomnode.audit.trace import trace as trace_uid
+
+    engine, factory = open_database(load_or_exit(config_path), upgrade=False)
+    try:
+        with factory() as session:
+            chain = trace_uid(session, uid)
+    finally:
+        engine.dispose()
+    click.echo(json.dumps(chain, indent=2) if as_json else format_trace(chain))
+    if not chain["series"]:
+        sys.exit(1)
+
+
 # -- network tools --------------------------------------------------------------------------
 @click.command()
 @click.argument("paths", nargs=-1, required=True,

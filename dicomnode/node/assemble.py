@@ -123,9 +123,11 @@ class Assembler:
     """The completion sweep and routing, bound to the settings and a session factory."""
 
     def __init__(self, *, settings: Settings, factory: sessionmaker[Session],
-                 model_versions: dict[str, str] | None = None) -> None:
+                 model_versions: dict[str, str] | None = None,
+                 config_sha256: str | None = None) -> None:
         self.settings = settings
         self.factory = factory
+        self.config_sha256 = config_sha256
         self.model_versions = model_versions or {}
         self._rules_cache: dict[int, list[RuleEvaluation]] = {}
         # series id -> ((instance count, last received), content problem, rows counted): the
@@ -259,6 +261,7 @@ class Assembler:
                         max_attempts=self.settings.executor.max_attempts,
                         model_name=model,
                         model_version=self.model_versions.get(model) if model else None,
+                        config_sha256=self.config_sha256,
                     )
         self._rules_cache.pop(series.id, None)
         return True

@@ -51,10 +51,12 @@ def enqueue_job(
     max_attempts: int,
     model_name: str | None = None,
     model_version: str | None = None,
+    config_sha256: str | None = None,
 ) -> int | None:
     """Insert a job unless its idempotency key exists; returns the new id or ``None``.
 
     The key covers the model too: a new model version runs the series again.
+    ``config_sha256`` is the config file that routed it (recorded, not part of the key).
     """
     key = idempotency_key(
         series_instance_uid=series.series_instance_uid,
@@ -71,6 +73,7 @@ def enqueue_job(
         pipeline_version=pipeline_version,
         model_name=model_name,
         model_version=model_version,
+        config_sha256=config_sha256,
         input_sha256=input_sha256,
         destinations=destinations,
         status=JobStatus.QUEUED,
@@ -187,6 +190,7 @@ def finish_job(
     error_code: str | None = None,
     error_detail: str | None = None,
     timings: dict[str, float] | None = None,
+    weights_sha256: str | None = None,
     backoff_s: float = 30.0,
     backoff_max_s: float = 600.0,
 ) -> JobStatus:
@@ -200,6 +204,7 @@ def finish_job(
     job.lease_owner = None
     job.lease_expires_at = None
     if succeeded:
+        job.weights_sha256 = weights_sha256
         job.status = JobStatus.SUCCEEDED
         job.progress = 1.0
         job.finished_at = now
@@ -224,7 +229,10 @@ def finish_job(
         actor=owner[:64],
         series_instance_uid=series_uid,
         detail={"job_id": job_id, "pipeline": job.pipeline, "attempt": job.attempts,
-                "error_code": error_code, "timings": timings},
+                "error_code": error_code, "timings": timings,
+                **({"model": job.model_name, "model_version": job.model_version,
+                    "weights_sha256": job.weights_sha256, "config_sha256": job.config_sha256}
+                   if succeeded else {})},
     )
     return job.status
 

@@ -81,19 +81,21 @@ def job_model(ctx: JobContext, *, default: str | Sequence[str] | None = None,
         model, why = choose(found)
     else:
         model, why = found[0], "the pipeline's default"
-    note_model(ctx, model.entry.manifest, why)
+    note_model(ctx, model.entry, why)
     return model
 
 
-def note_model(ctx: JobContext, manifest: Any, why: str) -> None:
-    """Say in ``ctx.model_used`` which model ran and why."""
-    ctx.model_used.update(name=manifest.name, version=manifest.version, chosen=why)
+def note_model(ctx: JobContext, entry: Any, why: str) -> None:
+    """Say in ``ctx.model_used`` which model ran (name, version, weights sha256) and why."""
+    ctx.model_used.update(name=entry.manifest.name, version=entry.manifest.version, chosen=why,
+                          weights_sha256=entry.weights_sha256)
 
 
 def model_identity(ctx: JobContext, volume: Any, manifest: Any, *, kind: str,
                    description: str) -> Any:
     """The OutputIdentity of a model pipeline's series: the job's naming and numbering, the
-    model's name, version and training data (what every AI output must say)."""
+    model's name, version, weights sha256 (from :func:`job_model`) and training data (what
+    every AI output must say)."""
     from dicomnode.dicom.write.common import OutputIdentity
 
     return OutputIdentity(
@@ -101,7 +103,7 @@ def model_identity(ctx: JobContext, volume: Any, manifest: Any, *, kind: str,
         pipeline_version=ctx.pipeline_version, kind=kind, series_number=ctx.series_number,
         series_description=f"{ctx.series_description_prefix}{description}",
         model_name=manifest.name, model_version=manifest.version,
-        trained_on=manifest.trained_on)
+        trained_on=manifest.trained_on, weights_sha256=ctx.model_used.get("weights_sha256"))
 
 
 def save_outputs(datasets: list[Dataset], output_dir: Path, *, kind: str,

@@ -188,10 +188,11 @@ def run(ctx: JobContext) -> list[OutputFile]:
     t2 = time.perf_counter()
     m = entry.manifest
     identity = model_identity(ctx, volume, m, kind="PT", description="SYNTHETIC PET from CT")
-    description = (f"SYNTHETIC PET (SUVbw) predicted from the CT by district 3-D Pix2Pix "
-                   f"models {m.name} {m.version}, trained on {m.trained_on}. Not a PET scan.")
+    description = identity.label("SYNTHETIC PET (SUVbw; not a PET scan) predicted from the CT")
+    details = (f"District 3-D Pix2Pix models {m.name} {m.version}, trained on {m.trained_on}. "
+               "Not a PET scan.")
     outputs = save_outputs(build_derived_pet(values=suv, volume=volume, identity=identity,
-                                             description=description),
+                                             description=description, details=details),
                            ctx.output_dir, kind="PT", prefix="pt")
     ctx.timings.update(read_s=t1 - t0, infer_s=t2 - t1, write_s=time.perf_counter() - t2)
     ctx.progress(1.0)

@@ -64,12 +64,12 @@ def run(ctx: JobContext) -> list[OutputFile]:
         model_name="SR4ZCT self-supervised", model_version=ctx.pipeline_version,
         trained_on="this series only (self-supervised on its own axial images)",
     )
-    description = (f"SR4ZCT super-resolution from {r_z:.3g} mm slices (overlap {o_z:.3g} mm) "
-                   f"to {r_t:.3g} mm; network trained on this series for "
-                   f"{stats['iterations']} iterations")
+    description = identity.label(f"CT super-resolved from {r_z:.3g} mm to {r_t:.3g} mm slices")
+    details = (f"SR4ZCT: source slice overlap {o_z:.3g} mm; network trained on this series for "
+               f"{stats['iterations']} iterations.")
     datasets = build_derived_ct(values=values, affine=output_affine(volume, r_z, r_t),
                                 source=volume, identity=identity, description=description,
-                                slice_thickness=r_t)
+                                slice_thickness=r_t, details=details)
     outputs = save_outputs(datasets, ctx.output_dir, kind="CT", prefix="ct")
     ctx.timings.update(read_s=t1 - t0, infer_s=t2 - t1, write_s=time.perf_counter() - t2,
                        train_s=stats["train_s"], iterations=float(stats["iterations"]))

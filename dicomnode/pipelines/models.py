@@ -105,6 +105,14 @@ class ModelEntry:
     verified: bool  # sha256 given and matched
     notes: tuple[str, ...] = ()
 
+    @property
+    def weights_sha256(self) -> str:
+        """The sha256 of the weights file: the manifest's when it was verified at loading,
+        else computed now (an unverified MONAI bundle)."""
+        if self.verified and self.manifest.sha256:
+            return self.manifest.sha256
+        return file_sha256(self.weights)
+
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:

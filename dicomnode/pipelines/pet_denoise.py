@@ -156,14 +156,15 @@ def run(ctx: JobContext) -> list[OutputFile]:
               f"; input scaled x{scale:.2f} into the model's training activity range "
               f"(median SUV in the object {level:.2f}, trained on {m.input_level[0]:.2f}-"
               f"{m.input_level[1]:.2f}) and back")
-    # what was done to this series before what the model was trained on, which can be long
-    # (DerivationDescription holds 1024 characters)
-    description = (f"Low-dose PET enhanced by DRMC model {m.name} {m.version} "
-                   f"({ctx.model_used['chosen']}); intensities via {how}{scaled}; units and "
-                   f"SUV factors as the source; model trained on {m.trained_on}")
+    # one sentence for the viewer's info panel; the rest (the scaling, the model's whole
+    # training lineage, which can be long) in ImageComments and ContributingEquipment
+    description = identity.label("Low-dose PET enhanced (DRMC)")
+    details = (f"Model {m.name} {m.version} ({ctx.model_used['chosen']}); intensities via "
+               f"{how}{scaled}; units and SUV factors as the source. Model trained on "
+               f"{m.trained_on}")
     outputs = save_outputs(build_derived_pet(values=(enhanced / factor).astype(np.float32),
                                              volume=volume, identity=identity,
-                                             description=description),
+                                             description=description, details=details),
                            ctx.output_dir, kind="PT", prefix="pt")
     ctx.timings.update(read_s=t1 - t0, infer_s=t2 - t1, write_s=time.perf_counter() - t2)
     ctx.progress(1.0)

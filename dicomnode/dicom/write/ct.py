@@ -34,6 +34,7 @@ def build_derived_ct(
     identity: OutputIdentity,
     description: str,
     slice_thickness: float,
+    details: str = "",
 ) -> list[Dataset]:
     """One CT Image Storage data set per slice of ``values`` (HU) on the grid ``affine``.
 
@@ -48,9 +49,11 @@ def build_derived_ct(
     identity
         Output series identity.
     description
-        DerivationDescription.
+        DerivationDescription: one sentence (``OutputIdentity.label``).
     slice_thickness
         Nominal reconstructed thickness of the output slices (mm).
+    details
+        Appended to ImageComments.
     """
     if values.ndim != 3:
         raise ValueError("values must be (slices, rows, cols)")
@@ -99,6 +102,6 @@ def build_derived_ct(
         ds.LossyImageCompression = "00"
         ds.PixelData = stored[k].tobytes()
         ds.SourceImageSequence = Sequence([source_reference(src)])
-        stamp_equipment(ds, identity, description=description)
+        stamp_equipment(ds, identity, description=description, details=details)
         out.append(ds)
     return out

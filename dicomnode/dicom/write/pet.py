@@ -111,12 +111,60 @@ def _stamp_activity(ds: Dataset, activity: SUVFactors) -> None:
     ds.DecayCorrection = "START"
 
 
+def _pet_source_modules(ds: Dataset, src: Dataset, volume: SeriesVolume, out_units: str) -> None:
+    """PET Series and Isotope modules copied from a PET source (cleaned of empty codes)."""
+    series_type = str((src.get("SeriesType") or ["STATIC"])[0])
+    for keyword in _PET_SERIES_KEYWORDS:
+        if keyword in _CONDITIONAL and series_type != _CONDITIONAL[keyword]:
+            continue
+        if keyword in src and src[keyword].value not in (None, ""):
+            setattr(ds, keyword, src[keyword].value)
+    ds.RadiopharmaceuticalInformationSequence = _isotope_from_source(src)
+    ds.PatientOrientationCodeSequence = _clean_code_sequence(
+        src.get("PatientOrientationCodeSequence"))
+    ds.PatientGantryRelationshipCodeSequence = _clean_code_sequence(
+        src.get("PatientGantryRelationshipCodeSequence"))
+    if volume.suv is not None and out_units == "BQML":
+        ds.DecayCorrection = volume.suv.decay_correction
+
+
+def _synthetic_pet_modules(ds: Dataset, src: Dataset, volume: SeriesVolume,
+                           activity: SUVFactors | None) -> None:
+    """PET Series and Isotope modules of a PET synthesised from a CT source."""
+    ds.SeriesDate = (src.get("SeriesDate") or src.get("StudyDate")
+                     or src.get("AcquisitionDate") or src.get("ContentDate") or "19700101")
+    ds.SeriesTime = (src.get("SeriesTime") or src.get("StudyTime")
+                     or src.get("AcquisitionTime") or src.get("ContentTime") or "000000")
+    ds.CountsSource = "EMISSION"
+    ds.SeriesType = ["STATIC", "IMAGE"]
+    ds.CorrectedImage = ["DECY", "ATTN"]
+    ds.DecayCorrection = "START"
+    ds.RandomsCorrectionMethod = "NONE"
+    ds.ReconstructionMethod = "SYNTHETIC (AI)"
+    ds.CollimatorType = "NONE"
+    ds.RadiopharmaceuticalInformationSequence = _fdg_isotope()
+    if activity is not None:
+        _stamp_activity(ds, activity)
+    ds.PatientOrientationCodeSequence = Sequence([])
+    ds.PatientGantryRelationshipCodeSequence = Sequence([])
+    ds.FrameOfReferenceUID = volume.frame_of_reference_uid
+    ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator", "")
+    ds.AcquisitionDate = src.get("AcquisitionDate", "")
+    ds.AcquisitionTime = src.get("AcquisitionTime", "")
+    ds.ActualFrameDuration = ""
+    ds.FrameReferenceTime = "0"
+    ds.DecayFactor = "1"
+    ds.SliceSensitivityFactor = "1"
+    ds.AcquisitionNumber = src.get("AcquisitionNumber", 1) or 1
+
+
 def build_derived_pet(
     *,
     values: np.ndarray,
     volume: SeriesVolume,
     identity: OutputIdentity,
     description: str,
+    details: str = "",
     units: str | None = None,
     activity: SUVFactors | None = None,
 ) -> list[Dataset]:
@@ -132,7 +180,9 @@ def build_derived_pet(
     identity
         Output series identity (deterministic UIDs, number, description).
     description
-        DerivationDescription (what was done, by which model, trained on what).
+        DerivationDescription: one sentence (``OutputIdentity.label``).
+    details
+        Appended to ImageComments: how the intensities were handled, the model's training data.
     units
         Override the Units; default: the source's for PET, GML for a CT source.
     activity
@@ -161,45 +211,9 @@ def build_derived_pet(
         copy_patient_study(src, ds)
         ds.Modality = "PT"
         if from_pet:
-            series_type = str((src.get("SeriesType") or ["STATIC"])[0])
-            for keyword in _PET_SERIES_KEYWORDS:
-                if keyword in _CONDITIONAL and series_type != _CONDITIONAL[keyword]:
-                    continue
-                if keyword in src and src[keyword].value not in (None, ""):
-                    setattr(ds, keyword, src[keyword].value)
-            ds.RadiopharmaceuticalInformationSequence = _isotope_from_source(src)
-            ds.PatientOrientationCodeSequence = _clean_code_sequence(
-                src.get("PatientOrientationCodeSequence"))
-            ds.PatientGantryRelationshipCodeSequence = _clean_code_sequence(
-                src.get("PatientGantryRelationshipCodeSequence"))
-            if volume.suv is not None and out_units == "BQML":
-                ds.DecayCorrection = volume.suv.decay_correction
+            _pet_source_modules(ds, src, volume, out_units)
         else:
-            ds.SeriesDate = (src.get("SeriesDate") or src.get("StudyDate")
-                             or src.get("AcquisitionDate") or src.get("ContentDate") or "19700101")
-            ds.SeriesTime = (src.get("SeriesTime") or src.get("StudyTime")
-                             or src.get("AcquisitionTime") or src.get("ContentTime") or "000000")
-            ds.CountsSource = "EMISSION"
-            ds.SeriesType = ["STATIC", "IMAGE"]
-            ds.CorrectedImage = ["DECY", "ATTN"]
-            ds.DecayCorrection = "START"
-            ds.RandomsCorrectionMethod = "NONE"
-            ds.ReconstructionMethod = "SYNTHETIC (AI)"
-            ds.CollimatorType = "NONE"
-            ds.RadiopharmaceuticalInformationSequence = _fdg_isotope()
-            if activity is not None:
-                _stamp_activity(ds, activity)
-            ds.PatientOrientationCodeSequence = Sequence([])
-            ds.PatientGantryRelationshipCodeSequence = Sequence([])
-            ds.FrameOfReferenceUID = volume.frame_of_reference_uid
-            ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator", "")
-            ds.AcquisitionDate = src.get("AcquisitionDate", "")
-            ds.AcquisitionTime = src.get("AcquisitionTime", "")
-            ds.ActualFrameDuration = ""
-            ds.FrameReferenceTime = "0"
-            ds.DecayFactor = "1"
-            ds.SliceSensitivityFactor = "1"
-            ds.AcquisitionNumber = src.get("AcquisitionNumber", 1) or 1
+            _synthetic_pet_modules(ds, src, volume, activity)
         ds.Units = out_units
         ds.Laterality = ""  # General Series Type 2C; the NM/PET orientation module replaces
         #                     PatientPosition, which must then be absent
@@ -233,6 +247,6 @@ def build_derived_pet(
         ds.LossyImageCompression = "00"
         ds.PixelData = pixels.tobytes()
         ds.SourceImageSequence = Sequence([source_reference(src)])
-        stamp_equipment(ds, identity, description=description)
+        stamp_equipment(ds, identity, description=description, details=details)
         result.append(ds)
     return result

@@ -17,7 +17,14 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicomnode.dicom.volume import SeriesVolume
-from dicomnode.dicom.write.common import AI_NOTICE, MANUFACTURER, MODEL_NAME, OutputIdentity
+from dicomnode.dicom.write.common import (
+    AI_NOTICE,
+    MANUFACTURER,
+    MODEL_NAME,
+    OutputIdentity,
+    contributing_equipment,
+    fit,
+)
 
 __all__ = ["SegmentSpec", "build_seg", "sct"]
 
@@ -48,6 +55,19 @@ def _repaired(ds: Dataset) -> Dataset:
         ds = copy.deepcopy(ds)  # a shallow copy shares the elements with the original
         del ds.SpecificCharacterSet
     return ds
+
+
+def _algorithm(identity: OutputIdentity) -> hd.AlgorithmIdentificationSequence:
+    """The AI algorithm of every segment: model (or pipeline) name and version, and the
+    sha256 of the weights as an algorithm parameter."""
+    return hd.AlgorithmIdentificationSequence(
+        name=(identity.model_name or identity.pipeline)[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        version=(identity.model_version or identity.pipeline_version)[:64],
+        source=MANUFACTURER,
+        parameters=({"weights_sha256": identity.weights_sha256} if identity.weights_sha256
+                    else None),
+    )
 
 
 def build_seg(
@@ -81,12 +101,7 @@ def build_seg(
     if labels is not None and (labels.shape != volume.shape or labels.max() > len(segments)):
         raise ValueError(f"labels shape {labels.shape} / max {labels.max()} do not fit volume "
                          f"{volume.shape} and {len(segments)} segments")
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=(identity.model_name or identity.pipeline)[:64],
-        family=codes.cid7162.ArtificialIntelligence,
-        version=(identity.model_version or identity.pipeline_version)[:64],
-        source=MANUFACTURER,
-    )
+    algorithm = _algorithm(identity)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=i + 1,
@@ -129,13 +144,16 @@ def build_seg(
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME,
-        software_versions=identity.software_versions,
+        # highdicom's hint reads tuple[str] where it takes a tuple of any length
+        software_versions=identity.software_versions,  # type: ignore[arg-type]
         device_serial_number="0",
         content_description=AI_NOTICE[:64],
         content_label="AI_SEG",
         content_creator_name="dicomnode^AI",
-        series_description=identity.series_description[:64],
+        series_description=fit(identity.series_description, 64),
         transfer_syntax_uid=transfer_syntax,
         omit_empty_frames=True,
     )
+    # the same provenance as the image writers (model, version, weights sha256, training data)
+    seg.ContributingEquipmentSequence = contributing_equipment(identity)  # type: ignore[assignment]
     return seg

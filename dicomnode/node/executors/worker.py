@@ -184,14 +184,25 @@ def run_claimed_job(
         return status
     stop.set()
     timings["total_s"] = time.perf_counter() - t0
+    return _record_success(factory, settings=settings, job=job, owner=owner, outputs=outputs,
+                           calling_ae=calling_ae, used=ctx.model_used, timings=timings)
+
+
+def _record_success(
+    factory: sessionmaker[Session], *, settings: Settings, job: ClaimedJob, owner: str,
+    outputs: list[OutputFile], calling_ae: str | None, used: dict[str, str],
+    timings: dict[str, float],
+) -> JobStatus:
+    """Outputs, deliveries, the model and weights that ran, and the job's end, in one
+    transaction."""
     with transaction(factory) as session:
         n = _record_outputs(session, settings=settings, job=job, outputs=outputs,
                             calling_ae=calling_ae)
-        used = ctx.model_used
         if used and job.model_name is None:  # the pipeline chose: the job says which
             session.execute(update(Job).where(Job.id == job.id).values(
                 model_name=used["name"][:64], model_version=used["version"][:32]))
-        status = finish_job(session, job_id=job.id, owner=owner, succeeded=True, timings=timings)
+        status = finish_job(session, job_id=job.id, owner=owner, succeeded=True, timings=timings,
+                            weights_sha256=used.get("weights_sha256"))
         record_event(
             session, "outputs.written", audit_event_id=AuditEventID.APPLICATION_ACTIVITY,
             actor=owner[:64], series_instance_uid=job.series_instance_uid,
