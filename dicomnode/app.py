@@ -209,8 +209,11 @@ class Node:
                 log.info("dicomnode %s listening on %s:%s as %s", __version__,
                          self.settings.node.host, self.settings.node.port,
                          self.settings.node.ae_title)
+                tls = self.settings.node.tls
                 print(f"listening on {self.settings.node.host}:{self.settings.node.port} "
-                      f"as {self.settings.node.ae_title}", flush=True)
+                      f"as {self.settings.node.ae_title}"
+                      + (" (TLS)" if tls and tls.port is None else "")
+                      + (f"; TLS on port {tls.port}" if tls and tls.port else ""), flush=True)
                 stop.wait()
         finally:
             for extra in self._extra_receivers:

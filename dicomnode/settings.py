@@ -48,6 +48,32 @@ class AllowedPeer(_Model):
     )
 
 
+class TLSFiles(_Model):
+    """This side's certificate and key, and the CA certificates it trusts (PEM files)."""
+
+    certificate: Path = Field(description="PEM certificate (chain) presented to peers.")
+    private_key: Path = Field(description="PEM private key of the certificate (unencrypted).")
+    ca_certificates: Path = Field(description="PEM bundle of the CAs whose peers are trusted.")
+
+    @field_validator("certificate", "private_key", "ca_certificates")
+    @classmethod
+    def _readable(cls, path: Path) -> Path:
+        if not path.is_file():
+            raise ValueError(f"no such file: {path}")
+        return path
+
+
+class NodeTLS(TLSFiles):
+    """DICOM TLS on the receiver (BCP 195 profile, TLS 1.2+)."""
+
+    require_client_certificate: bool = Field(
+        default=True, description="Mutual authentication: a peer without a certificate from "
+        "ca_certificates is refused (and audited).")
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="null: node.port speaks TLS only. A port: TLS "
+        "there, and plain DICOM stays on node.port (for sites that need both).")
+
+
 class NodeSettings(_Model):
     """The DICOM application entity this node presents."""
 
@@ -71,6 +97,10 @@ class NodeSettings(_Model):
         default_factory=list,
         description="Peers allowed to associate. Empty: any peer is accepted.",
     )
+    ae_title_aliases: list[AE_TITLE] = Field(
+        default_factory=list, description="Other called AE titles this node answers to; an "
+        "association to any other title is rejected and audited.")
+    tls: NodeTLS | None = Field(default=None, description="DICOM TLS; null: plain TCP only.")
 
 
 class DatabaseSettings(_Model):
@@ -175,6 +205,8 @@ class Destination(_Model):
     seg_type: Literal["BINARY", "LABELMAP"] = Field(
         default="BINARY", description="SEG flavour; BINARY is read by most viewers."
     )
+    tls: TLSFiles | None = Field(default=None, description="DICOM TLS to this peer (mutual "
+                                 "authentication with this node's certificate); null: plain TCP.")
 
 
 class ExecutorSettings(_Model):
@@ -195,9 +227,10 @@ class ExecutorSettings(_Model):
 class PushSettings(_Model):
     """Delivery of results: retries and backoff."""
 
-    max_attempts: int = Field(default=8, ge=1)
+    max_attempts: int = Field(default=30, ge=1, description="Attempts before a dead letter: "
+                              "with the default backoff about 3.6 hours of PACS outage.")
     backoff_initial_s: float = Field(default=2.0, gt=0)
-    backoff_max_s: float = Field(default=300.0, gt=0)
+    backoff_max_s: float = Field(default=600.0, gt=0)
     batch_size: int = Field(default=500, ge=1, description="Instances per association.")
 
 

@@ -74,9 +74,16 @@ def test_send_counts_like_the_outbox(peer: Peer, ct_files: list[Path], status: i
     assert result.statuses == (status,) * 3
 
 
-def _outbox(tmp_path: Path, ct_files: list[Path], port: int) -> tuple:
-    settings = parse_settings({"var_dir": str(tmp_path / "var"),
-                               "push": {"max_attempts": 2, "backoff_initial_s": 0.01}})
+def _outbox(tmp_path: Path, ct_files: list[Path], port: int, *, ae_title: str = "PEER",
+            tls: dict[str, str] | None = None) -> tuple:
+    """Settings, a session factory and an engine whose outbox holds ``ct_files`` for the
+    destination ``pacs`` (``ae_title`` on ``port``, over TLS when given)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    settings = parse_settings({
+        "var_dir": str(tmp_path / "var"),
+        "push": {"max_attempts": 2, "backoff_initial_s": 0.01},
+        "destinations": {"pacs": {"ae_title": ae_title, "host": "127.0.0.1", "port": port,
+                                  **({"tls": tls} if tls else {})}}})
     url = f"sqlite:///{tmp_path / 'node.db'}"
     migrate(url)
     engine = make_engine(url)
@@ -95,7 +102,7 @@ def _outbox(tmp_path: Path, ct_files: list[Path], port: int) -> tuple:
                          path=f.name, state=OutputState.WRITTEN)
             s.add(out)
             s.flush()
-            s.add(Delivery(output_id=out.id, destination="pacs", ae_title="PEER",
+            s.add(Delivery(output_id=out.id, destination="pacs", ae_title=ae_title,
                            host="127.0.0.1", port=port))
     return settings, factory, engine
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -14,7 +15,7 @@ from typing import Any
 
 import click
 
-from dicomnode.cli.common import CONFIG_OPTION, load_or_exit
+from dicomnode.cli.common import CONFIG_OPTION, load_or_exit, tls_options, tls_or_exit
 from dicomnode.settings import ConfigError, Settings, json_schema, load_settings
 
 
@@ -74,6 +75,9 @@ def serve(config_path: Path | None) -> None:
 
     logging.getLogger().setLevel(logging.INFO)
     settings = load_or_exit(config_path)
+    # received instances, results and the database hold patient data: readable by the node's
+    # user only (files 0600, folders 0700), whatever the login's umask
+    os.umask(0o077)
     try:
         node = Node(settings, config_sha256=config_sha256(config_path))
     except ConfigError as exc:
@@ -277,14 +281,17 @@ def trace(config_path: Path | None, uid: str, as_json: bool) -> None:
 @click.option("--port", default=11112, show_default=True, type=int)
 @click.option("--called-aet", default="DICOMNODE", show_default=True)
 @click.option("--calling-aet", default="DICOMNODE-SCU", show_default=True)
-def send(paths: tuple[Path, ...], host: str, port: int, called_aet: str, calling_aet: str) -> None:
+@tls_options
+def send(paths: tuple[Path, ...], host: str, port: int, called_aet: str, calling_aet: str,
+         tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None) -> None:
     """C-STORE files (folders recursively) over one association per batch."""
     from dicomnode.dicom.net import send_files
 
+    tls = tls_or_exit(tls_cert, tls_key, tls_ca)
     files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*")))
              if f.is_file()]
     result = send_files(files, host=host, port=port, called_aet=called_aet,
-                        calling_aet=calling_aet)
+                        calling_aet=calling_aet, tls=tls)
     click.echo(f"sent {result.ok} ok, {result.failed} failed, {result.skipped} skipped")
     if result.failed or result.ok == 0:
         sys.exit(1)
@@ -294,11 +301,14 @@ def send(paths: tuple[Path, ...], host: str, port: int, called_aet: str, calling
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=11112, show_default=True, type=int)
 @click.option("--called-aet", default="DICOMNODE", show_default=True)
-def echo(host: str, port: int, called_aet: str) -> None:
+@tls_options
+def echo(host: str, port: int, called_aet: str, tls_cert: Path | None, tls_key: Path | None,
+         tls_ca: Path | None) -> None:
     """C-ECHO a peer."""
     from dicomnode.dicom.net import echo as do_echo
 
-    status_code = do_echo(host=host, port=port, called_aet=called_aet)
+    tls = tls_or_exit(tls_cert, tls_key, tls_ca)
+    status_code = do_echo(host=host, port=port, called_aet=called_aet, tls=tls)
     if status_code != 0:
         raise click.ClickException(f"C-ECHO failed (status {status_code})")
     click.echo("C-ECHO ok")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import socket
+import ssl
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,7 @@ class SendResult:
 
 def send_files(
     files: list[Path], *, host: str, port: int, called_aet: str, calling_aet: str = "DICOMNODE-SCU",
-    batch_size: int = 1000,
+    batch_size: int = 1000, tls: ssl.SSLContext | None = None,
 ) -> SendResult:
     """C-STORE ``files``; unreadable files are skipped. A response counts as sent when
     :func:`classify_status` says DELIVERED (success, duplicate, warning), else as failed."""
@@ -97,7 +98,8 @@ def send_files(
         ae = AE(ae_title=calling_aet)
         ae.requested_contexts = [build_context(s, sorted(t)) for s, t in wanted.items()][:128]
         assoc = ae.associate(host, port, ae_title=called_aet,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+                             evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+                             tls_args=(tls, host) if tls is not None else None)
         if not assoc.is_established:
             failed += len(batch)
             continue
@@ -119,12 +121,15 @@ def send_files(
     return SendResult(ok=ok, failed=failed, skipped=skipped, statuses=tuple(statuses))
 
 
-def echo(*, host: str, port: int, called_aet: str, calling_aet: str = "DICOMNODE-SCU") -> int:
-    """C-ECHO; returns the status (0xFFFF when no association)."""
+def echo(*, host: str, port: int, called_aet: str, calling_aet: str = "DICOMNODE-SCU",
+         tls: ssl.SSLContext | None = None) -> int:
+    """C-ECHO (over TLS when given a context); returns the status (0xFFFF when no
+    association)."""
     ae = AE(ae_title=calling_aet)
     ae.add_requested_context(VERIFICATION)
     assoc = ae.associate(host, port, ae_title=called_aet,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+                         tls_args=(tls, host) if tls is not None else None)
     if not assoc.is_established:
         return 0xFFFF
     try:

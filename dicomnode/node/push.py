@@ -9,6 +9,7 @@ an alert event). ``dicomnode retry`` re-queues dead letters after the cause is f
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import defaultdict
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +24,7 @@ from dicomnode.audit.db import transaction
 from dicomnode.audit.events import AuditEventID, Outcome, record_event
 from dicomnode.audit.models import Association, Delivery, DeliveryStatus, Output, utcnow
 from dicomnode.dicom.net import Disposition, classify_status, set_nodelay
+from dicomnode.dicom.tls import client_context
 from dicomnode.settings import Settings
 
 __all__ = ["Disposition", "Pusher", "classify_status", "requeue_dead"]
@@ -38,13 +40,17 @@ class Pusher:
     def __init__(self, *, settings: Settings, factory: sessionmaker[Session]) -> None:
         self.settings = settings
         self.factory = factory
+        # destination name -> TLS context, built once (a bad certificate fails at start-up)
+        self.tls = {name: client_context(d.tls) for name, d in settings.destinations.items()
+                    if d.tls is not None}
 
     def sweep(self) -> int:
         """Send every due delivery, batched per destination; returns how many were delivered."""
         now = utcnow()
         with transaction(self.factory) as session:
             rows = session.execute(
-                select(Delivery.id, Delivery.ae_title, Delivery.host, Delivery.port,
+                select(Delivery.id, Delivery.destination, Delivery.ae_title, Delivery.host,
+                       Delivery.port,
                        Output.path, Output.sop_instance_uid, Output.sop_class_uid)
                 .join(Output, Output.id == Delivery.output_id)
                 .where(Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.RETRY]),
@@ -59,17 +65,19 @@ class Pusher:
                 update(Delivery).where(Delivery.id.in_([r.id for r in rows]))
                 .values(status=DeliveryStatus.SENDING)
             )
-        groups: dict[tuple[str, str, int], list[object]] = defaultdict(list)
+        groups: dict[tuple[str, str, str, int], list[object]] = defaultdict(list)
         for r in rows:
-            groups[(r.ae_title, r.host, r.port)].append(r)
+            groups[(r.destination, r.ae_title, r.host, r.port)].append(r)
         delivered = 0
-        for (ae_title, host, port), items in groups.items():
+        for (destination, ae_title, host, port), items in groups.items():
+            tls = self.tls.get(destination)
             for start in range(0, len(items), self.settings.push.batch_size):
                 batch = items[start:start + self.settings.push.batch_size]
-                delivered += self._send_batch(ae_title, host, port, batch)
+                delivered += self._send_batch(ae_title, host, port, batch, tls=tls)
         return delivered
 
-    def _send_batch(self, ae_title: str, host: str, port: int, batch: list[object]) -> int:
+    def _send_batch(self, ae_title: str, host: str, port: int, batch: list[object], *,
+                    tls: ssl.SSLContext | None = None) -> int:
         results: dict[int, tuple[int | None, str | None]] = {}
         datasets = {}
         for item in batch:
@@ -104,7 +112,8 @@ class Pusher:
             assoc_id = arow.id
         sent_bytes = 0
         assoc = ae.associate(host, port, ae_title=ae_title,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+                             evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+                             tls_args=(tls, host) if tls is not None else None)
         if not assoc.is_established:
             end = "rejected" if assoc.is_rejected else "unreachable"
             reason = "association rejected" if assoc.is_rejected else "peer unreachable"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from dicomnode.audit.db import transaction
 from dicomnode.audit.events import AuditEventID, Outcome, record_event
 from dicomnode.audit.models import Association, utcnow
 from dicomnode.dicom.net import VERIFICATION, set_nodelay
+from dicomnode.dicom.tls import server_context
 from dicomnode.node.spool import InstanceHeader, InvalidInstance, Spool, StoreAction, store_instance
 from dicomnode.settings import Settings
 
@@ -111,13 +113,43 @@ def integrity_problem(ds: Dataset, transfer_syntax: str) -> str | None:
     return None
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """An association server that shares its port with sibling processes (SO_REUSEPORT)."""
+class NodeServer(ThreadedAssociationServer):
+    """The association server: optionally shares its port with sibling processes
+    (SO_REUSEPORT), and does the TLS handshake in the connection's own thread (pynetdicom does
+    it in the accept loop, where one slow or plain-TCP peer would stall every other), handing
+    a failed handshake to ``on_tls_refused`` before closing the connection."""
+
+    reuse_port = False
+    on_tls_refused: Callable[[str, int, str], None] | None = None
 
     def server_bind(self) -> None:  # noqa: D102
         assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:  # noqa: D102
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:  # noqa: D102
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.ae.network_timeout)
+                request.do_handshake()
+                request.settimeout(None)
+            except (ssl.SSLError, OSError) as exc:
+                if self.on_tls_refused is not None:
+                    self.on_tls_refused(str(client_address[0]), int(client_address[1]),
+                                        f"TLS handshake failed: {exc}"[:120])
+                with contextlib.suppress(OSError):
+                    request.close()
+                return
+        super().finish_request(request, client_address)
 
 
 @dataclass
@@ -188,32 +220,41 @@ class Receiver:
         )
 
     def on_requested(self, event: Any) -> None:
-        """EVT_REQUESTED: reject peers that are not on the allow-list, with a security alert."""
+        """EVT_REQUESTED: reject a peer not on the allow-list, or one calling an AE title this
+        node does not answer to, with a security alert."""
         assoc = event.assoc
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        called = str(assoc.requestor.primitive.called_ae_title).strip()
         host, port = assoc.requestor.address, assoc.requestor.port
-        if self._peer_allowed(calling, host):
-            return
-        # 0x01 rejected-permanent, 0x01 service-user, 0x03 calling AE title not recognised
-        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        if not self._peer_allowed(calling, host):
+            # 0x01 rejected-permanent, 0x01 service-user, 0x03 calling AE title not recognised
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            self._refused(calling, called, str(host), int(port), "peer not in allowed_peers")
+        elif called not in {self.settings.node.ae_title, *self.settings.node.ae_title_aliases}:
+            # 0x07: called AE title not recognised
+            assoc.acse.send_reject(0x01, 0x01, 0x07)
+            self._refused(calling, called, str(host), int(port),
+                          "called AE title is not this node's")
+
+    def on_tls_refused(self, host: str, port: int, reason: str) -> None:
+        """A TLS handshake failed (plain TCP on the TLS port, no certificate, a certificate from
+        another CA): recorded like a rejected association."""
+        self._refused("", "", host, port, reason)
+
+    def _refused(self, calling: str, called: str, host: str, port: int, reason: str) -> None:
         try:
             with transaction(self.factory) as session:
-                session.add(
-                    Association(
-                        direction="in", calling_ae=calling[:16],
-                        called_ae=str(assoc.requestor.primitive.called_ae_title).strip()[:16],
-                        peer_host=str(host)[:64], peer_port=int(port), accepted=False,
-                        reject_reason="peer not in allowed_peers", ended_at=utcnow(),
-                        end_reason="rejected",
-                    )
-                )
+                session.add(Association(
+                    direction="in", calling_ae=calling[:16], called_ae=called[:16],
+                    peer_host=host[:64], peer_port=port, accepted=False,
+                    reject_reason=reason[:128], ended_at=utcnow(), end_reason="rejected"))
                 record_event(
                     session, "association.rejected", audit_event_id=AuditEventID.SECURITY_ALERT,
-                    outcome=Outcome.SERIOUS_FAILURE, actor=calling[:64],
-                    detail={"peer_host": str(host), "reason": "peer not in allowed_peers"},
+                    outcome=Outcome.SERIOUS_FAILURE, actor=(calling or host)[:64],
+                    detail={"peer_host": host, "called_ae": called, "reason": reason},
                 )
-        except Exception:  # the reject stands even if the audit write fails
-            log.exception("could not record a rejected association")
+        except Exception:  # the refusal stands even if the audit write fails
+            log.exception("could not record a refused association")
 
     def on_accepted(self, event: Any) -> None:
         """EVT_ACCEPTED: one association row per inbound association."""
@@ -370,11 +411,25 @@ def make_receiver_ae(settings: Settings) -> AE:
     return ae
 
 
+def listeners(settings: Settings) -> list[tuple[int, ssl.SSLContext | None]]:
+    """The (port, TLS context or None) pairs the node listens on: plain DICOM on
+    ``node.port``, or TLS there when ``node.tls`` is set, or both when ``node.tls.port`` names
+    a second port."""
+    tls = settings.node.tls
+    if tls is None:
+        return [(settings.node.port, None)]
+    context = server_context(tls)
+    if tls.port is None:
+        return [(settings.node.port, context)]
+    return [(settings.node.port, None), (tls.port, context)]
+
+
 @contextlib.contextmanager
 def serving(
     receiver: Receiver, settings: Settings, *, reuse_port: bool = False
-) -> Iterator[ThreadedAssociationServer]:
-    """Run the SCP in background threads; on exit stop accepting and let in-flight stores end.
+) -> Iterator[list[ThreadedAssociationServer]]:
+    """Run the SCP in background threads (one server per listener: plain and/or TLS); on exit
+    stop accepting and let in-flight stores end.
 
     Parameters
     ----------
@@ -386,21 +441,23 @@ def serving(
         Bind with SO_REUSEPORT so several processes share the port.
     """
     ae = make_receiver_ae(settings)
-    address = (settings.node.host, settings.node.port)
-    server = ae.make_server(
-        address,
-        evt_handlers=receiver.handlers(),
-        server_class=ReusePortServer if reuse_port else ThreadedAssociationServer,
-    )
-    ae._servers.append(server)  # so that server.shutdown() can unregister it
-    thread = threading.Thread(target=server.serve_forever, name="dicomnode-scp", daemon=True)
-    thread.start()
+    servers = []
+    for port, context in listeners(settings):
+        server_class = type("Server", (NodeServer,), {
+            "reuse_port": reuse_port, "on_tls_refused": staticmethod(receiver.on_tls_refused)})
+        server = ae.make_server((settings.node.host, port), evt_handlers=receiver.handlers(),
+                                ssl_context=context, server_class=server_class)
+        ae._servers.append(server)  # so that server.shutdown() can unregister it
+        threading.Thread(target=server.serve_forever, name=f"dicomnode-scp-{port}",
+                         daemon=True).start()
+        servers.append(server)
     try:
-        yield server
+        yield servers
     finally:
         # Stop accepting, then give running associations time to finish their stores.
-        server.shutdown()
-        server.server_close()
-        deadline = 60.0
-        for assoc in list(server.active_associations):
-            assoc.join(timeout=deadline)
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+        for server in servers:
+            for assoc in list(server.active_associations):
+                assoc.join(timeout=60.0)
