@@ -21,7 +21,7 @@ sysdeps:
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,postgres,ml,jpeg]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,postgres,ml,jpeg,celery]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -27,7 +27,7 @@ from dicomnode.audit.events import AuditEventID, Outcome, record_event
 from dicomnode.audit.models import Delivery, DeliveryStatus, NodeRun, utcnow
 from dicomnode.files import file_sha256
 from dicomnode.node.assemble import Assembler
-from dicomnode.node.executors import EXECUTORS, Executor
+from dicomnode.node.executors import Executor, executor_class
 from dicomnode.node.jobs import reclaim_expired
 from dicomnode.node.push import Pusher
 from dicomnode.node.receive import Receiver, serving
@@ -149,20 +149,24 @@ class Node:
                    settings.schedule.dispatch_sweep_s)
         sweeps.add("delivery", self.pusher.sweep, settings.schedule.delivery_sweep_s)
         sweeps.add("workers", lambda: self.executor.supervise(), settings.schedule.dispatch_sweep_s)
+        sweeps.add("dispatch", lambda: self.executor.dispatch(), settings.executor.poll_interval_s)
         self.scheduler = build_scheduler(sweeps)
         self.receiver = Receiver(
             settings=settings, factory=self.factory, spool=self.spool,
             patient_secret=patient_secret(settings),
             on_association_closed=lambda: run_soon(self.scheduler, "completion"),
         )
-        self.executor: Executor = EXECUTORS[settings.executor.kind](settings)
+        self.executor: Executor = executor_class(settings.executor.kind)(settings,
+                                                                         factory=self.factory)
         self._run_id: int | None = None
         self._extra_receivers: list[BaseProcess] = []
 
     def _reconcile(self) -> None:
         """Start-up reconciliation after a crash or a stop (AUDIT.md)."""
         removed = self.spool.clean_tmp()
-        requeued = reclaim_expired(self.factory, all_running=True)
+        # local workers are this node's children: any RUNNING job is an orphan now; remote
+        # (celery) workers may still be running theirs, so only expired leases count
+        requeued = reclaim_expired(self.factory, all_running=self.executor.claims_locally)
         with transaction(self.factory) as session:
             crashed = session.execute(
                 select(NodeRun.id).where(NodeRun.stopped_at.is_(None))

@@ -209,12 +209,33 @@ class Destination(_Model):
                                  "authentication with this node's certificate); null: plain TCP.")
 
 
+class CelerySettings(_Model):
+    """The ``celery`` executor: RabbitMQ carries job ids to ``dicomnode worker`` processes on
+    any machine that reaches the broker, the database and the shared storage."""
+
+    broker_url: str = Field(default="amqp://guest:guest@127.0.0.1:5672//",
+                            pattern=r"^amqps?://", description="RabbitMQ (amqp:// or amqps://); "
+                            "not Redis, whose visibility timeout re-delivers long jobs.")
+    queue: str = Field(default="dicomnode.jobs", min_length=1, max_length=200,
+                       description="The queue of pipelines not named in queues.")
+    queues: dict[str, str] = Field(
+        default_factory=dict, description="Pipeline -> queue, e.g. GPU pipelines on a queue "
+        "only GPU workers consume (dicomnode worker --queue).")
+    delivery_limit: int = Field(
+        default=20, ge=1, description="Quorum-queue deliveries of one message before it goes to "
+        "the dead-letter queue <queue>.dead (a worker killed that often by one job).")
+
+
 class ExecutorSettings(_Model):
     """How jobs are run."""
 
-    kind: Literal["local"] = "local"
+    kind: Literal["local", "celery"] = Field(
+        default="local", description="local: worker processes of the node itself; celery: "
+        "`dicomnode worker` processes anywhere, fed through RabbitMQ.")
     workers: int = Field(default=1, ge=0, le=64, description="Worker processes; 0 runs none.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto: CUDA when present, else the CPU; or cpu, cuda, cuda:N.")
+    celery: CelerySettings = Field(default_factory=CelerySettings)
     lease_s: float = Field(default=300.0, gt=0, description="A worker's claim on a job expires "
                            "after this long without a heartbeat; the job is then re-queued.")
     max_attempts: int = Field(default=3, ge=1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from sqlalchemy import inspect, select, text
+from sqlalchemy import inspect, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from dicomnode.audit.db import downgrade, make_engine, make_sessionmaker, migrate, transaction
@@ -171,4 +171,38 @@ def test_trace_follows_any_uid_to_the_whole_chain(tmp_path) -> None:
         assert "model m 2, weights sha256 " + "c" * 64 in text and "pacs PENDING" in text
         unknown = trace(s, "9.9.9")
         assert unknown == {"uid": "9.9.9", "found_as": "unknown", "series": []}
+    engine.dispose()
+
+
+def test_publish_due_hands_each_attempt_to_the_broker_once(db_url: str) -> None:
+    from datetime import timedelta
+
+    from dicomnode.audit.models import utcnow
+    from dicomnode.node.jobs import publish_due, reclaim_expired
+
+    engine, factory = _queue(db_url, ["p0", "p1"], max_attempts=3)
+    sent: list[tuple[int, str]] = []
+    assert publish_due(factory, lambda i, p: sent.append((i, p))) == 2
+    assert publish_due(factory, lambda i, p: sent.append((i, p))) == 0  # already published
+    assert [p for _, p in sent] == ["p0", "p1"]
+    # a broker that is down: nothing is marked, the next sweep publishes
+    with transaction(factory) as s:
+        s.execute(update(Job).values(published_attempt=None))
+
+    def down(job_id: int, pipeline: str) -> None:
+        raise ConnectionError("broker down")
+
+    with pytest.raises(ConnectionError):
+        publish_due(factory, down)
+    assert publish_due(factory, lambda i, p: None) == 2
+    # the attempt a dead worker held comes back after its lease, and is published again
+    job = claim_job(factory, owner="w", lease_s=60, device="cpu", job_id=sent[0][0])
+    assert job is not None and job.attempt == 1
+    assert claim_job(factory, owner="w2", lease_s=60, device="cpu", job_id=sent[0][0]) is None
+    with transaction(factory) as s:
+        s.execute(update(Job).where(Job.id == job.id)
+                  .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert reclaim_expired(factory) == 1
+    again: list[int] = []
+    assert publish_due(factory, lambda i, p: again.append(i)) == 1 and again == [job.id]
     engine.dispose()

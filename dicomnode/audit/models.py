@@ -202,6 +202,8 @@ class Job(Base):
     # file that routed the series (set when the job is queued)
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
     config_sha256: Mapped[str | None] = mapped_column(String(64))
+    # celery executor: the attempt whose job id was last published to the broker
+    published_attempt: Mapped[int | None] = mapped_column(Integer)
     input_sha256: Mapped[str] = mapped_column(String(64))
     destinations: Mapped[list[str]] = mapped_column(JSON)
     status: Mapped[JobStatus] = mapped_column(

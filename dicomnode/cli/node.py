@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -86,6 +87,29 @@ def serve(config_path: Path | None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     node.run(stop)
+
+
+@click.command()
+@CONFIG_OPTION
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: the config's).")
+@click.option("--queue", "queues", multiple=True,
+              help="Consume only these queues (default: every queue the config names).")
+@click.option("--name", default=None, help="Worker name shown by the broker.")
+def worker(config_path: Path | None, device: str | None, queues: tuple[str, ...],
+           name: str | None) -> None:
+    """Run one worker for the celery executor (one per GPU) until SIGTERM: it takes job ids
+    from RabbitMQ, claims each job in the shared database and runs it here."""
+    settings = load_or_exit(config_path)
+    if settings.executor.kind != "celery":
+        raise click.ClickException("executor.kind is not celery: the node runs its own workers")
+    if device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise click.BadParameter(f"{device!r}: cpu, cuda or cuda:N", param_hint="--device")
+    try:
+        from dicomnode.node.executors.celery_executor import run_worker
+    except ImportError as exc:
+        raise click.ClickException(f"{exc}: pip install 'dicomnode[celery]'") from None
+    os.umask(0o077)
+    run_worker(settings, device=device, queues=list(queues) or None, name=name)
 
 
 # -- rules ----------------------------------------------------------------------------------

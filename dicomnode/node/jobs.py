@@ -8,10 +8,11 @@ is ``BEGIN IMMEDIATE`` (see :mod:`dicomnode.audit.db`), which serialises claimer
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +28,7 @@ __all__ = [
     "finish_job",
     "heartbeat",
     "idempotency_key",
+    "publish_due",
     "reclaim_expired",
 ]
 
@@ -118,17 +120,19 @@ class ClaimedJob:
 
 
 def claim_job(
-    factory: sessionmaker[Session], *, owner: str, lease_s: float, device: str
+    factory: sessionmaker[Session], *, owner: str, lease_s: float, device: str,
+    job_id: int | None = None,
 ) -> ClaimedJob | None:
-    """Claim the oldest due QUEUED job for ``owner``; ``None`` when there is none."""
+    """Claim the oldest due QUEUED job for ``owner`` (only job ``job_id`` when given: what a
+    broker message names); ``None`` when there is none. The claim is a locked update of a
+    QUEUED row, so a job is claimed once however often its id is delivered."""
     now = utcnow()
     with transaction(factory) as session:
+        query = select(Job).where(Job.status == JobStatus.QUEUED, Job.next_attempt_at <= now)
+        if job_id is not None:
+            query = query.where(Job.id == job_id)
         job = session.execute(
-            select(Job)
-            .where(Job.status == JobStatus.QUEUED, Job.next_attempt_at <= now)
-            .order_by(Job.next_attempt_at, Job.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
+            query.order_by(Job.next_attempt_at, Job.id).limit(1).with_for_update(skip_locked=True)
         ).scalar_one_or_none()
         if job is None:
             return None
@@ -161,6 +165,37 @@ def claim_job(
             attempt=job.attempts,
             model_name=job.model_name,
         )
+
+
+def publish_due(factory: sessionmaker[Session], publish: Callable[[int, str], None]) -> int:
+    """Hand every due QUEUED job whose current attempt has not been published to ``publish``
+    (job id, pipeline); returns how many.
+
+    The jobs are marked published and committed first, then published: a worker that gets
+    the message at once must find the row committed and unlocked, or it would drop it. A
+    publish that fails un-marks its job for the next sweep; one published twice is harmless
+    (see :func:`claim_job`)."""
+    now = utcnow()
+    with transaction(factory) as session:
+        jobs = session.execute(
+            select(Job).where(Job.status == JobStatus.QUEUED, Job.next_attempt_at <= now,
+                              or_(Job.published_attempt.is_(None),
+                                  Job.published_attempt <= Job.attempts))
+            .order_by(Job.next_attempt_at, Job.id).with_for_update(skip_locked=True)
+        ).scalars().all()
+        marked = [(job.id, job.pipeline, job.published_attempt) for job in jobs]
+        for job in jobs:
+            job.published_attempt = job.attempts + 1
+    for count, (job_id, pipeline, _) in enumerate(marked):
+        try:
+            publish(job_id, pipeline)
+        except Exception:
+            with transaction(factory) as session:  # this one and the rest: next sweep
+                for left_id, _, before in marked[count:]:
+                    session.execute(update(Job).where(Job.id == left_id)
+                                    .values(published_attempt=before))
+            raise
+    return len(marked)
 
 
 def heartbeat(

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import abc
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from dicomnode.settings import Settings
 
 
 class Executor(abc.ABC):
     """Runs queued jobs somewhere; the job table stays the source of truth."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *,
+                 factory: sessionmaker[Session] | None = None) -> None:
         self.settings = settings
+        self.factory = factory
 
     @abc.abstractmethod
     def start(self) -> None:
@@ -24,6 +28,17 @@ class Executor(abc.ABC):
     def supervise(self) -> int:
         """Periodic health check (restart what died); returns how many were restarted."""
         return 0
+
+    def dispatch(self) -> int:
+        """Hand due jobs to the workers, where they do not claim them themselves; returns how
+        many."""
+        return 0
+
+    @property
+    def claims_locally(self) -> bool:
+        """Whether every worker of this executor runs inside this node (then, at start-up,
+        any RUNNING job is an orphan)."""
+        return True
 
     @abc.abstractmethod
     def alive(self) -> int:

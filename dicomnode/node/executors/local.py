@@ -14,6 +14,8 @@ import socket
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from dicomnode.node.executors.base import Executor
 from dicomnode.settings import Settings
 
@@ -40,8 +42,9 @@ def _worker_main(settings_data: dict[str, Any], index: int, stop: Any, parent: i
 class LocalExecutor(Executor):
     """``settings.executor.workers`` spawned processes on this machine."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, *,
+                 factory: sessionmaker[Session] | None = None) -> None:
+        super().__init__(settings, factory=factory)
         self._ctx = mp.get_context("spawn")
         self._stop = self._ctx.Event()
         self._procs: list[BaseProcess] = []
