@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -210,3 +211,22 @@ def test_edge_files_all_answered_and_node_survives(make_node) -> None:
     assert set(BROKEN) <= set(bad)
     assert "CT_small.dcm" in ok and "liver_j2k.dcm" in ok  # compressed syntaxes are accepted
     assert node.stop() == 0
+
+
+def test_non_finite_geometry_is_refused_alike_on_every_database(make_node, db_url: str,
+                                                                tmp_path: Path) -> None:
+    """ImagePositionPatient NaN: 0xA900 with the reason on SQLite and PostgreSQL (it was
+    stored on SQLite and answered 0xA700, retry forever, on PostgreSQL)."""
+    from dicomnode.demo.sample import write_phantom_ct
+
+    (path,) = write_phantom_ct(tmp_path / "ct", slices=1, size=16)
+    ds = pydicom.dcmread(path)
+    ds.ImagePositionPatient = ["NaN", "0", "0"]
+    ds.save_as(path)
+    node = make_node(db_url=db_url)
+    assert _send_raw(node.port, path) == 0xA900
+    with node.session() as s:
+        (failed,) = s.execute(select(EventLog).where(
+            EventLog.event_type == "instance.failed")).scalars().all()
+        assert s.execute(select(Instance)).scalars().all() == []
+    assert "ImagePositionPatient" in json.dumps(failed.detail)

@@ -199,3 +199,45 @@ def test_push_and_send_over_tls_to_dcmtk(tmp_path: Path, pki: Path, ct: Path) ->
     finally:
         pacs.kill()
         pacs.wait(10)
+
+
+def test_no_patient_name_or_id_in_logs_or_audit_rows(make_node, tmp_path: Path) -> None:
+    """A series with a known patient name and ID goes through receive, completion and a job;
+    neither appears in the node's log nor in any column of any audit table (the
+    patient is only a keyed hash there)."""
+    import pydicom
+    from sqlalchemy import inspect as sa_inspect
+    from sqlalchemy import text as sa_text
+
+    name, pid = "SECRETARY^JANEDOE", "PHI-7781-XQ"
+    folder = tmp_path / "phi"
+    for path in write_phantom_ct(folder, slices=4, size=32):
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID, ds.OtherPatientIDs = name, pid, pid
+        ds.save_as(path)
+    node: NodeProcess = make_node(executor={"workers": 1, "poll_interval_s": 0.2},
+                                  completion={"quiet_period_s": 1})
+    assert storescu(folder, node.port).returncode == 0
+
+    def job_done() -> bool:
+        with node.session() as s:
+            return bool(s.execute(sa_text("select count(*) from job where status in "
+                                          "('SUCCEEDED', 'FAILED', 'DEAD')")).scalar())
+
+    wait_for(job_done, timeout=60)
+    assert node.stop() == 0
+    needles = [name, pid, "SECRETARY", "JANEDOE", "7781"]
+    log = node.log_path.read_text()
+    assert not [n for n in needles if n in log]
+    with node.session() as s:
+        tables = sa_inspect(s.get_bind()).get_table_names()
+        assert "event_log" in tables and "series" in tables
+        for table in tables:
+            for row in s.execute(sa_text(f"select * from {table}")).all():  # noqa: S608
+                text_of_row = " ".join(str(v) for v in row)
+                assert not [n for n in needles if n in text_of_row], table
+        key = s.execute(sa_text("select patient_key from series")).scalar()
+        assert key and len(key) == 64  # a keyed hash of the ID, not the ID
+        # the whole path ran: received, completed, routed, a job run
+        kinds = set(s.execute(sa_text("select event_type from event_log")).scalars())
+        assert {"series.completed", "job.started", "job.succeeded"} <= kinds

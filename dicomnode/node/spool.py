@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import hashlib
+import math
 import os
 import re
 import uuid
@@ -74,6 +75,9 @@ def _float_list(ds: Dataset, keyword: str, n: int) -> list[float] | None:
         out = [float(v) for v in value]
     except (TypeError, ValueError):
         return None
+    if not all(math.isfinite(v) for v in out):
+        # NaN / Inf geometry: refused the same on every database (PostgreSQL's JSON has no NaN)
+        raise InvalidInstance(f"{keyword} holds a value that is not a finite number")
     return out if len(out) == n else None
 
 
