@@ -1,6 +1,7 @@
 """bench/scale: jobs per hour with 1 and 2 workers, local executor against celery.
 
-The same short CPU job for every configuration: ``ct-tissue`` on a generated 48 x 96 x 96 CT,
+The same short CPU job for every configuration: ``ct-tissue`` on a generated CT (by default
+64 x 256 x 256),
 JOBS series sent at once with DCMTK's storescu, results pushed to DCMTK's storescp. Each
 configuration starts from an empty PostgreSQL database (the shared truth for celery; used for
 local too, so the database is not the difference). Reported per configuration: the makespan
@@ -143,12 +144,14 @@ def main() -> None:
     """Run every configuration and write the results file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--slices", type=int, default=64)
+    parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     shutil.rmtree(WORK, ignore_errors=True)
     series = []
     for i in range(args.jobs):
-        write_phantom_ct(WORK / "series" / f"s{i}", slices=48, size=96)
+        write_phantom_ct(WORK / "series" / f"s{i}", slices=args.slices, size=args.size)
         series.append(WORK / "series" / f"s{i}")
     rows = []
     for kind, workers in (("local", 1), ("celery", 1), ("local", 2), ("celery", 2)):
@@ -157,7 +160,8 @@ def main() -> None:
         rows.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "command": f"python -m bench.scale --jobs {args.jobs}",
+        "command": f"python -m bench.scale --jobs {args.jobs} --slices {args.slices} "
+                   f"--size {args.size}",
         "machine": f"{os.cpu_count()} CPUs, no GPU", "rows": rows}, indent=2) + "\n")
 
 
