@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -111,3 +112,43 @@ def test_kill9_mid_transfer_loses_nothing_and_completes_once(make_node, lidc_cop
     assert len(completions) == 1 and len(jobs) == 1
     assert started[-1].detail["crashed_runs"]  # the crash was detected at the restart
     assert node.stop() == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_worker_stops_when_its_node_is_killed_mid_job(make_node, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 of the node while its worker runs a job: the worker ends within a few
+    heartbeats instead of computing on beside a restarted node's worker."""
+    import os
+    import signal
+
+    from dicomnode.demo.sample import write_phantom_ct
+
+    monkeypatch.setenv("TEST_SLOW_S", "30")
+    write_phantom_ct(tmp_path / "ct", slices=8, size=32)
+    node = make_node(executor={"workers": 1, "lease_s": 2, "poll_interval_s": 0.2},
+                     completion={"quiet_period_s": 1},
+                     rules=[{"name": "ct", "match": {"Modality": {"equals": "CT"}},
+                             "pipelines": ["test-slow-tissue"]}])
+    assert storescu(tmp_path / "ct", node.port).returncode == 0
+
+    def running() -> Job | None:
+        with node.session() as s:
+            job = s.execute(select(Job)).scalar_one_or_none()
+            return job if job and job.status == JobStatus.RUNNING else None
+
+    worker = int(wait_for(running, timeout=60, interval=0.2).lease_owner.split(":")[1])
+    assert _alive(worker)
+    assert node.proc is not None
+    os.kill(node.proc.pid, signal.SIGKILL)
+    node.proc.wait(10)
+    started = time.monotonic()
+    wait_for(lambda: not _alive(worker), timeout=10, interval=0.1)
+    assert time.monotonic() - started < 5  # a heartbeat is every 0.5 s with a 2 s lease

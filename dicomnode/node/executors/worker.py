@@ -120,11 +120,26 @@ def _seg_type(settings: Settings, job: ClaimedJob) -> str:
     return "BINARY"
 
 
+def _exit_if_orphaned(job_id: int, *, held: bool, parent_pid: int | None) -> None:
+    """End this process when its work can no longer count: the job's lease went to another
+    worker (this run's result would be refused at the end), or the node that started this
+    worker is gone (a restarted node would run the job beside it). The lease sweep hands the
+    job on; the executor starts a new worker."""
+    if not held:
+        log.error("job %s: lease lost to another worker; this worker process stops", job_id)
+        os._exit(3)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        log.error("job %s: node process %s is gone; this worker process stops", job_id,
+                  parent_pid)
+        os._exit(3)
+
+
 def run_claimed_job(
     job: ClaimedJob, *, settings: Settings, factory: sessionmaker[Session], owner: str,
-    device: str,
+    device: str, parent_pid: int | None = None,
 ) -> JobStatus:
-    """Run one claimed job to its end state, keeping its lease alive meanwhile."""
+    """Run one claimed job to its end state, keeping its lease alive meanwhile (and ending
+    this process if the lease is lost or ``parent_pid``, the node, dies)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     inputs, calling_ae = _job_inputs(factory, job)
@@ -137,10 +152,13 @@ def run_claimed_job(
         interval = max(0.2, min(2.0, settings.executor.lease_s / 4))
         while not stop.wait(interval):
             try:
-                heartbeat(factory, job_id=job.id, owner=owner,
-                          lease_s=settings.executor.lease_s, progress=progress["value"])
+                held = heartbeat(factory, job_id=job.id, owner=owner,
+                                 lease_s=settings.executor.lease_s, progress=progress["value"])
             except Exception:
                 log.exception("heartbeat failed for job %s", job.id)
+                continue
+            if not stop.is_set():  # a job that just ended is no longer ours: that is fine
+                _exit_if_orphaned(job.id, held=held, parent_pid=parent_pid)
 
     beater = threading.Thread(target=beat, name=f"lease-{job.id}", daemon=True)
     beater.start()
@@ -228,4 +246,5 @@ def work_loop(
         if job is None:
             stop.wait(settings.executor.poll_interval_s)
             continue
-        run_claimed_job(job, settings=settings, factory=factory, owner=owner, device=device)
+        run_claimed_job(job, settings=settings, factory=factory, owner=owner, device=device,
+                        parent_pid=parent_pid)
