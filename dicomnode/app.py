@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import __version__
 from dicomnode.audit.db import make_engine, make_sessionmaker, migrate, transaction
 from dicomnode.audit.events import AuditEventID, Outcome, record_event
-from dicomnode.audit.models import Delivery, DeliveryStatus, NodeRun, utcnow
+from dicomnode.audit.models import Delivery, DeliveryStatus, Instance, NodeRun, utcnow
 from dicomnode.files import file_sha256
 from dicomnode.node.assemble import Assembler
 from dicomnode.node.executors import Executor, executor_class
@@ -161,9 +161,31 @@ class Node:
         self._run_id: int | None = None
         self._extra_receivers: list[BaseProcess] = []
 
+    def _reconcile_spool(self) -> tuple[int, int]:
+        """Files without rows go to ``orphans/``; rows whose file is gone raise an alert.
+        Returns (files set aside, instances missing)."""
+        with self.factory() as session:
+            recorded = dict(session.execute(select(Instance.path, Instance.sop_instance_uid)).all())
+        orphans = self.spool.unrecorded(set(recorded))
+        moved = [self.spool.set_aside(p) for p in orphans]
+        missing = sorted(uid for path, uid in recorded.items()
+                         if not (self.spool.root / path).exists())
+        if moved or missing:
+            with transaction(self.factory) as session:
+                record_event(
+                    session, "spool.reconciled",
+                    audit_event_id=AuditEventID.APPLICATION_ACTIVITY,
+                    outcome=Outcome.SERIOUS_FAILURE if missing else Outcome.MINOR_FAILURE,
+                    actor=self.settings.node.ae_title,
+                    detail={"alert": bool(missing), "set_aside": moved[:100],
+                            "missing_sop_instance_uids": missing[:100],
+                            "counts": {"set_aside": len(moved), "missing": len(missing)}})
+        return len(moved), len(missing)
+
     def _reconcile(self) -> None:
         """Start-up reconciliation after a crash or a stop (AUDIT.md)."""
         removed = self.spool.clean_tmp()
+        orphans, missing = self._reconcile_spool()
         # local workers are this node's children: any RUNNING job is an orphan now; remote
         # (celery) workers may still be running theirs, so only expired leases count
         requeued = reclaim_expired(self.factory, all_running=self.executor.claims_locally)
@@ -187,7 +209,8 @@ class Node:
                 outcome=Outcome.MINOR_FAILURE if crashed else Outcome.SUCCESS,
                 actor=self.settings.node.ae_title,
                 detail={"run_id": run.id, "version": __version__, "crashed_runs": list(crashed),
-                        "tmp_removed": removed, "jobs_requeued": requeued,
+                        "tmp_removed": removed, "orphans_set_aside": orphans,
+                        "instances_missing": missing, "jobs_requeued": requeued,
                         "deliveries_resumed": resumed, "host": socket.gethostname()},
             )
 

@@ -152,3 +152,37 @@ def test_a_worker_stops_when_its_node_is_killed_mid_job(make_node, tmp_path: Pat
     started = time.monotonic()
     wait_for(lambda: not _alive(worker), timeout=10, interval=0.1)
     assert time.monotonic() - started < 5  # a heartbeat is every 0.5 s with a 2 s lease
+
+
+def test_start_up_sets_aside_files_without_rows_and_reports_missing_ones(
+        make_node, tmp_path: Path) -> None:
+    """After a crash between a rename and its commit a file has no row; after a disk fault a
+    row has no file. The next start moves the first to spool/orphans/ (kept) and raises an
+    alert naming the second; nothing else changes."""
+    from dicomnode.demo.sample import write_phantom_ct
+    from tests.conftest import NodeProcess
+
+    write_phantom_ct(tmp_path / "ct", slices=3, size=16)
+    node = make_node()
+    assert storescu(tmp_path / "ct", node.port).returncode == 0
+    assert node.stop() == 0
+    spool = Path(node.config["var_dir"]) / "spool"
+    with node.session() as s:
+        rows = s.execute(select(Instance).order_by(Instance.id)).scalars().all()
+    lost = rows[0]
+    (spool / lost.path).unlink()
+    stray = spool / Path(rows[1].path).parent / "1.2.3.4.5.dcm"
+    stray.write_bytes(b"bytes renamed into place, whose row never committed")
+    restarted = NodeProcess(node.workdir, node.config).start()
+    try:
+        with restarted.session() as s:
+            (event,) = s.execute(select(EventLog).where(
+                EventLog.event_type == "spool.reconciled")).scalars().all()
+        assert event.detail["missing_sop_instance_uids"] == [lost.sop_instance_uid]
+        assert event.detail["alert"] is True
+        assert not stray.exists()
+        kept = spool / event.detail["set_aside"][0]
+        assert kept.parent.name == "orphans" and kept.read_bytes().startswith(b"bytes renamed")
+        assert all((spool / r.path).exists() for r in rows[1:])
+    finally:
+        restarted.stop()

@@ -194,6 +194,27 @@ class Spool:
         if self.fsync:
             fsync_dir(final.parent)
 
+    def unrecorded(self, recorded: set[str]) -> list[str]:
+        """Instance files (relative paths) that no row describes: a crash or a failed insert
+        between the rename and the commit leaves one (its sender was not answered 0x0000)."""
+        found = []
+        for path in sorted(self.root.glob("*/*/*.dcm")):
+            relative = path.relative_to(self.root).as_posix()
+            if relative.split("/", 1)[0] not in (".tmp", "conflicts", "orphans") \
+                    and relative not in recorded:
+                found.append(relative)
+        return found
+
+    def set_aside(self, relative: str) -> str:
+        """Move a file no row describes to ``orphans/`` (kept, never deleted: it may hold the
+        only copy of what its sender will send again); returns its new relative path."""
+        target = f"orphans/{relative.replace('/', '_')}"
+        (self.root / "orphans").mkdir(exist_ok=True)
+        os.replace(self.root / relative, self.root / target)
+        if self.fsync:
+            fsync_dir(self.root / "orphans")
+        return target
+
     def clean_tmp(self) -> int:
         """Remove leftovers of interrupted writes (start-up reconciliation); returns the count."""
         count = 0
