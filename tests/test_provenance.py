@@ -147,20 +147,3 @@ def test_seg_carries_the_weights_in_its_algorithm_identification(tmp_path: Path)
     assert sha in equipment.ContributionDescription
     assert equipment.ContributionDescription.endswith(" ...")  # the lineage cut at a word
 
-
-def test_derived_ct_label_and_lengths(tmp_path: Path) -> None:
-    from dicomnode.demo.sample import phantom_hu, write_ct_series
-
-    src = tmp_path / "thick"
-    write_ct_series(src, phantom_hu(8, 48), (5.0, 2.0, 2.0), origin=(-48.0, -48.0, 0.0),
-                    description="thick", body_part="CHEST")
-    settings = parse_settings({"ct_sr": {"train_seconds": 1, "max_iterations": 5,
-                                         "target_thickness_mm": 2.5}})
-    (paths,) = run_folder(settings, pipeline="ct-sr", input_dir=src,
-                          output_dir=tmp_path / "out").values()
-    assert not isinstance(paths, Exception), paths
-    ds = pydicom.dcmread(paths[0])
-    assert vr_violations(ds) == []
-    assert ds.DerivationDescription.startswith("CT super-resolved from 5 mm to 2.5 mm slices by "
-                                               "dicomnode ct-sr")
-    assert "simulated" not in ds.DerivationDescription  # trained on the series itself

@@ -171,6 +171,7 @@ def test_ct_sr_pipeline_on_a_small_thick_series(tmp_path: Path) -> None:
     from dicomnode.demo.sample import phantom_hu, write_ct_series
     from dicomnode.pipelines.offline import run_folder
     from dicomnode.settings import parse_settings
+    from tests.test_provenance import vr_violations
 
     src = tmp_path / "thick"
     write_ct_series(src, phantom_hu(12, 64), (5.0, 2.0, 2.0), origin=(-64.0, -64.0, 0.0),
@@ -187,5 +188,10 @@ def test_ct_sr_pipeline_on_a_small_thick_series(tmp_path: Path) -> None:
     ds = pydicom.dcmread(paths[0])
     assert ds.FrameOfReferenceUID == source.frame_of_reference_uid
     assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    # one sentence saying what made it; no value longer than its VR allows
+    assert ds.DerivationDescription.startswith("CT super-resolved from 5 mm to 2.5 mm slices by "
+                                               "dicomnode ct-sr")
+    assert "simulated" not in ds.DerivationDescription  # trained on the series itself
+    assert vr_violations(ds) == []
     errors, _ = dciodvfy(paths[0])
     assert errors == []
