@@ -209,6 +209,9 @@ class Destination(_Model):
                                  "authentication with this node's certificate); null: plain TCP.")
 
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # executor.device and `dicomnode worker --device`
+
+
 class CelerySettings(_Model):
     """The ``celery`` executor: RabbitMQ carries job ids to ``dicomnode worker`` processes on
     any machine that reaches the broker, the database and the shared storage."""
@@ -233,7 +236,7 @@ class ExecutorSettings(_Model):
         default="local", description="local: worker processes of the node itself; celery: "
         "`dicomnode worker` processes anywhere, fed through RabbitMQ.")
     workers: int = Field(default=1, ge=0, le=64, description="Worker processes; 0 runs none.")
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN,
                         description="auto: CUDA when present, else the CPU; or cpu, cuda, cuda:N.")
     celery: CelerySettings = Field(default_factory=CelerySettings)
     lease_s: float = Field(default=300.0, gt=0, description="A worker's claim on a job expires "

@@ -244,5 +244,14 @@ def lidc_copy(tmp_path: Path) -> Path:
     return out
 
 
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc, or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    return fields[0], int(fields[1])
+
+
 def have_binary(name: str) -> bool:
     return shutil.which(name) is not None

@@ -20,7 +20,16 @@ from sqlalchemy import select
 
 from dicomnode.audit.models import Delivery, DeliveryStatus, EventLog, Job, JobStatus
 from dicomnode.demo.sample import write_phantom_ct
-from tests.conftest import ROOT, STRICT, NodeProcess, free_port, require, storescu, wait_for
+from tests.conftest import (
+    ROOT,
+    STRICT,
+    NodeProcess,
+    free_port,
+    proc_stat,
+    require,
+    storescu,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -168,10 +177,6 @@ def test_two_workers_run_each_job_once_and_deliver_once(make_node, pg_url, queue
         workers.stop()
 
 
-def _ppid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
 def test_a_worker_killed_mid_job_costs_one_retry_on_the_other(make_node, pg_url, queue, pacs,
                                                              tmp_path: Path) -> None:
     os.environ["TEST_SLOW_S"] = "6"
@@ -187,7 +192,9 @@ def test_a_worker_killed_mid_job_costs_one_retry_on_the_other(make_node, pg_url,
 
         job = wait_for(running, timeout=60, interval=0.1)
         child = int(job.lease_owner.split(":")[1])  # the pool process running it
-        main = _ppid(child)
+        stat = proc_stat(child)
+        assert stat is not None
+        main = stat[1]
         victim = next(n for n, p in workers.procs.items() if p.pid == main)
         os.kill(child, signal.SIGKILL)
         os.kill(main, signal.SIGKILL)  # the whole worker gone, as with a pulled cable

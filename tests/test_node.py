@@ -14,7 +14,7 @@ from pynetdicom import AE
 from sqlalchemy import select
 
 from dicomnode.audit.models import EventLog, Instance, Job, JobStatus, Series, SeriesState
-from tests.conftest import storescu, wait_for
+from tests.conftest import proc_stat, storescu, wait_for
 from tests.test_receive import LIDC_UID
 
 pytestmark = pytest.mark.data  # reads ../shared/data
@@ -115,11 +115,8 @@ def test_kill9_mid_transfer_loses_nothing_and_completes_once(make_node, lidc_cop
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def test_a_worker_stops_when_its_node_is_killed_mid_job(make_node, tmp_path: Path,

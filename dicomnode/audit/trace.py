@@ -21,11 +21,11 @@ def _iso(value: datetime | None) -> str | None:
 
 def _input_series_ids(session: Session, uid: str) -> tuple[str, set[int]]:
     """What ``uid`` is, and the ids of the input series it leads to."""
-    by_series = set(session.execute(select(Series.id).where(or_(
-        Series.series_instance_uid == uid, Series.study_instance_uid == uid))).scalars())
-    if by_series:
-        study = session.execute(select(Series.id).where(Series.study_instance_uid == uid)).first()
-        return ("input study" if study else "input series"), by_series
+    rows = session.execute(select(Series.id, Series.study_instance_uid).where(or_(
+        Series.series_instance_uid == uid, Series.study_instance_uid == uid))).all()
+    if rows:
+        study = any(r.study_instance_uid == uid for r in rows)
+        return ("input study" if study else "input series"), {r.id for r in rows}
     by_instance = set(session.execute(
         select(Instance.series_id).where(Instance.sop_instance_uid == uid)).scalars())
     if by_instance:

@@ -17,7 +17,13 @@ from typing import Any
 import click
 
 from dicomnode.cli.common import CONFIG_OPTION, load_or_exit, tls_options, tls_or_exit
-from dicomnode.settings import ConfigError, Settings, json_schema, load_settings
+from dicomnode.settings import (
+    DEVICE_PATTERN,
+    ConfigError,
+    Settings,
+    json_schema,
+    load_settings,
+)
 
 
 # -- config ---------------------------------------------------------------------------------
@@ -102,7 +108,7 @@ def worker(config_path: Path | None, device: str | None, queues: tuple[str, ...]
     settings = load_or_exit(config_path)
     if settings.executor.kind != "celery":
         raise click.ClickException("executor.kind is not celery: the node runs its own workers")
-    if device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+    if device is not None and not re.match(DEVICE_PATTERN, device):
         raise click.BadParameter(f"{device!r}: cpu, cuda or cuda:N", param_hint="--device")
     try:
         from dicomnode.node.executors.celery_executor import run_worker

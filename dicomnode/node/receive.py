@@ -152,6 +152,12 @@ class NodeServer(ThreadedAssociationServer):
         super().finish_request(request, client_address)
 
 
+class ReusePortNodeServer(NodeServer):
+    """A :class:`NodeServer` sharing its port with sibling receiving processes."""
+
+    reuse_port = True
+
+
 @dataclass
 class _AssocState:
     row_id: int
@@ -443,10 +449,10 @@ def serving(
     ae = make_receiver_ae(settings)
     servers = []
     for port, context in listeners(settings):
-        server_class = type("Server", (NodeServer,), {
-            "reuse_port": reuse_port, "on_tls_refused": staticmethod(receiver.on_tls_refused)})
         server = ae.make_server((settings.node.host, port), evt_handlers=receiver.handlers(),
-                                ssl_context=context, server_class=server_class)
+                                ssl_context=context,
+                                server_class=ReusePortNodeServer if reuse_port else NodeServer)
+        server.on_tls_refused = receiver.on_tls_refused  # type: ignore[attr-defined]
         ae._servers.append(server)  # so that server.shutdown() can unregister it
         threading.Thread(target=server.serve_forever, name=f"dicomnode-scp-{port}",
                          daemon=True).start()

@@ -57,6 +57,11 @@ _COUNT_INTO_SERIES = (
 )
 
 
+# top-level spool folders that hold no instance of a study: kept-aside duplicates with other
+# bytes, and files found at start-up that no row describes
+CONFLICTS, ORPHANS = "conflicts", "orphans"
+
+
 class InvalidInstance(ValueError):
     """A dataset this node cannot file: the message says which attribute and why."""
 
@@ -200,7 +205,7 @@ class Spool:
         found = []
         for path in sorted(self.root.glob("*/*/*.dcm")):
             relative = path.relative_to(self.root).as_posix()
-            if relative.split("/", 1)[0] not in (".tmp", "conflicts", "orphans") \
+            if relative.split("/", 1)[0] not in (self.tmp.name, CONFLICTS, ORPHANS) \
                     and relative not in recorded:
                 found.append(relative)
         return found
@@ -208,11 +213,11 @@ class Spool:
     def set_aside(self, relative: str) -> str:
         """Move a file no row describes to ``orphans/`` (kept, never deleted: it may hold the
         only copy of what its sender will send again); returns its new relative path."""
-        target = f"orphans/{relative.replace('/', '_')}"
-        (self.root / "orphans").mkdir(exist_ok=True)
+        target = f"{ORPHANS}/{relative.replace('/', '_')}"
+        (self.root / ORPHANS).mkdir(exist_ok=True)
         os.replace(self.root / relative, self.root / target)
         if self.fsync:
-            fsync_dir(self.root / "orphans")
+            fsync_dir(self.root / ORPHANS)
         return target
 
     def clean_tmp(self) -> int:
@@ -415,7 +420,7 @@ def _record_repeat(
         action, path = StoreAction.DUPLICATE, existing_path
     else:
         action = StoreAction.CONFLICT
-        path = f"conflicts/{_safe_component(header.sop_instance_uid)}.{sha[:16]}.dcm"
+        path = f"{CONFLICTS}/{_safe_component(header.sop_instance_uid)}.{sha[:16]}.dcm"
         spool.commit_tmp(tmp, path)
     session.execute(_INSERT_RECEIPT, dict(
         association_id=association_id,
