@@ -3,10 +3,10 @@
 Order of operations for one C-STORE (``shared/AUDIT.md``, "Consistency under crashes"):
 
 1. write the encoded bytes to ``.tmp/<uuid>`` and fsync;
-2. one transaction: look the SOP Instance UID up (a duplicate is never overwritten), rename
-   the file to ``<study>/<series>/<sop>.dcm``, fsync the directory, count the instance into
-   its series, insert the instance row and the receipt;
-4. the caller answers 0x0000 only when all of that returned.
+2. one transaction: look the SOP Instance UID up (a duplicate is never overwritten), count
+   the instance into its series, insert the instance row and the receipt, then rename the
+   file to ``<study>/<series>/<sop>.dcm`` and fsync the directory, then commit;
+3. the caller answers 0x0000 only when all of that returned.
 
 No pixel data is decoded here.
 """
@@ -278,7 +278,6 @@ def store_instance(
                         message_id=message_id,
                     )
                 relative = spool.relative_path(header)
-                spool.commit_tmp(tmp, relative)
                 now = utcnow()
                 series_id = _upsert_series(
                     session, header=header, calling_ae=calling_ae,
@@ -309,11 +308,15 @@ def store_instance(
                     dimse_status=0,
                     received_at=now,
                 ))
+                # the rename comes after the row's INSERT: on PostgreSQL a concurrent writer of
+                # the same SOP Instance UID blocks on the unique index until this commits, and
+                # then fails, so it never replaces the file this row describes. A crash between
+                # the rename and the commit leaves a file without a row (reconciled at start-up).
+                spool.commit_tmp(tmp, relative)
                 return StoreResult(action=StoreAction.CREATE, sha256=sha, path=relative)
         except IntegrityError:
             # PostgreSQL: the same SOP Instance UID arrived concurrently on another association
-            # and committed first. Our bytes (if renamed) are the same path: record a repeat.
-            tmp = spool.write_tmp(data) if not tmp.exists() else tmp
+            # and committed first; our bytes are still in their temp file: record a repeat.
             with transaction(factory) as session:
                 row = session.execute(
                     select(Instance.sha256, Instance.path).where(
