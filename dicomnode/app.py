@@ -24,13 +24,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import __version__
 from dicomnode.audit.db import make_engine, make_sessionmaker, migrate, transaction
 from dicomnode.audit.events import AuditEventID, Outcome, record_event
-from dicomnode.audit.models import Delivery, DeliveryStatus, Instance, NodeRun, utcnow
+from dicomnode.audit.models import Delivery, DeliveryStatus, Instance, NodeRun, Series, utcnow
 from dicomnode.files import file_sha256
 from dicomnode.node.assemble import Assembler
 from dicomnode.node.executors import Executor, executor_class
 from dicomnode.node.jobs import reclaim_expired
 from dicomnode.node.push import Pusher
 from dicomnode.node.receive import Receiver, serving
+from dicomnode.node.retention import purge
 from dicomnode.node.schedule import Sweeps, build_scheduler, run_soon
 from dicomnode.node.spool import Spool
 from dicomnode.pipelines import known_pipelines
@@ -150,6 +151,9 @@ class Node:
         sweeps.add("delivery", self.pusher.sweep, settings.schedule.delivery_sweep_s)
         sweeps.add("workers", lambda: self.executor.supervise(), settings.schedule.dispatch_sweep_s)
         sweeps.add("dispatch", lambda: self.executor.dispatch(), settings.executor.poll_interval_s)
+        sweeps.add("retention", lambda: purge(self.factory, settings,
+                                              actor=settings.node.ae_title),
+                   settings.retention.sweep_s)
         self.scheduler = build_scheduler(sweeps)
         self.receiver = Receiver(
             settings=settings, factory=self.factory, spool=self.spool,
@@ -165,8 +169,13 @@ class Node:
         """Files without rows go to ``orphans/``; rows whose file is gone raise an alert.
         Returns (files set aside, instances missing)."""
         with self.factory() as session:
-            recorded = dict(session.execute(select(Instance.path, Instance.sop_instance_uid)).all())
-        orphans = self.spool.unrecorded(set(recorded))
+            # instances whose files the retention policy deleted are expected to be gone
+            recorded = dict(session.execute(
+                select(Instance.path, Instance.sop_instance_uid)
+                .join(Series, Series.id == Instance.series_id)
+                .where(Series.purged_at.is_(None))).all())
+            recorded_anywhere = set(session.execute(select(Instance.path)).scalars())
+        orphans = self.spool.unrecorded(recorded_anywhere)
         moved = [self.spool.set_aside(p) for p in orphans]
         missing = sorted(uid for path, uid in recorded.items()
                          if not (self.spool.root / path).exists())

@@ -266,6 +266,23 @@ class ScheduleSettings(_Model):
     delivery_sweep_s: float = Field(default=0.5, gt=0)
 
 
+class RetentionSettings(_Model):
+    """When received instances and written results are deleted from disk (rows stay: the audit
+    trail keeps every UID, checksum and decision). Only finished work is ever deleted."""
+
+    received_days: float | None = Field(
+        default=7.0, ge=0, description="Delete a received series this many days after its last "
+        "job and delivery finished (dead letters included); null: never.")
+    outputs_days: float | None = Field(
+        default=7.0, ge=0, description="Delete a job's results this many days after the job "
+        "and every delivery of them finished; null: never. A dead letter can be re-sent only "
+        "until then.")
+    max_gb: float | None = Field(
+        default=None, gt=0, description="Size cap for received instances plus results: above "
+        "it, finished work is deleted oldest first whatever its age; null: no cap.")
+    sweep_s: float = Field(default=3600.0, gt=0, description="How often the policy runs.")
+
+
 class OutputSettings(_Model):
     """How results are labelled."""
 
@@ -311,6 +328,7 @@ class Settings(_Model):
     push: PushSettings = Field(default_factory=PushSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     ct_sr: CtSrSettings = Field(default_factory=CtSrSettings)
     models_dir: Path | None = Field(
         default=None, description="Model directories (manifests, MONAI bundles); default: the "

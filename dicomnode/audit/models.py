@@ -151,6 +151,7 @@ class Series(Base):
     completion_reason: Mapped[str | None] = mapped_column(String(200))
     matched_rules: Mapped[list[str] | None] = mapped_column(JSON)
     row_version: Mapped[int] = mapped_column(Integer, default=1)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # files deleted (retention)
     __table_args__ = (Index("ix_series_state_last_received", "state", "last_received_at"),)
 
 
@@ -222,6 +223,7 @@ class Job(Base):
     timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_detail: Mapped[str | None] = mapped_column(Text)
+    outputs_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # retention
     __table_args__ = (Index("ix_job_status_next_attempt", "status", "next_attempt_at"),)
 
 

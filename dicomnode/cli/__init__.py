@@ -29,6 +29,6 @@ def main(verbose: bool) -> None:
 
 
 for _command in (node.config, node.db, node.serve, node.rules, node.status, node.audit, node.trace, node.send,
-                 node.echo, node.retry, node.worker, models.models, models.run_offline, research.train,
+                 node.echo, node.retry, node.purge, node.worker, models.models, models.run_offline, research.train,
                  research.simulate):
     main.add_command(_command)

@@ -1,4 +1,4 @@
-"""Node operations, for IT admins: config, db, serve, rules, status, audit, send, echo, retry."""
+"""Node operations, for IT admins: config, db, serve, rules, status, audit, send, echo, retry, purge."""
 
 from __future__ import annotations
 
@@ -359,3 +359,31 @@ def retry(config_path: Path | None, ids: tuple[int, ...]) -> None:
     finally:
         engine.dispose()
     click.echo(f"{count} deliveries re-queued")
+
+
+@click.command()
+@CONFIG_OPTION
+@click.option("--dry-run", is_flag=True, help="Only list what the policy would delete now.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def purge(config_path: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Apply the retention policy now (the node also runs it every retention.sweep_s)."""
+    from dicomnode.app import open_database
+    from dicomnode.node.retention import purge as run_purge
+
+    settings = load_or_exit(config_path)
+    engine, factory = open_database(settings, upgrade=False)
+    try:
+        report = run_purge(factory, settings, dry_run=dry_run, actor="cli")
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for item, why in report.chosen:
+        click.echo(f"{item.kind:9} {item.series_instance_uid}  "
+                   f"{'job ' + str(item.id) if item.kind == 'outputs' else '':10} "
+                   f"{item.bytes / 1e6:9.1f} MB  finished {item.finished_at:%Y-%m-%d %H:%M}  ({why})")
+    click.echo(f"{verb} {len(report.chosen)} items, {report.bytes_freed / 1e6:.1f} MB of "
+               f"{report.total_bytes_before / 1e6:.1f} MB"
+               + (f"; {report.skipped} changed since and were kept" if report.skipped else ""))

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit.db import transaction
 from dicomnode.audit.events import AuditEventID, Outcome, record_event
-from dicomnode.audit.models import Association, Delivery, DeliveryStatus, Output, utcnow
+from dicomnode.audit.models import Association, Delivery, DeliveryStatus, Job, Output, utcnow
 from dicomnode.dicom.net import Disposition, classify_status, set_nodelay
 from dicomnode.dicom.tls import client_context
 from dicomnode.settings import Settings
@@ -212,7 +212,11 @@ class Pusher:
 def requeue_dead(factory: sessionmaker[Session], *, delivery_ids: list[int] | None = None) -> int:
     """Put dead letters (all, or the given ids) back in the outbox; returns how many."""
     with transaction(factory) as session:
-        stmt = update(Delivery).where(Delivery.status == DeliveryStatus.DEAD)
+        # results the retention policy already deleted cannot be re-sent
+        purged = (select(Output.id).join(Job, Job.id == Output.job_id)
+                  .where(Job.outputs_purged_at.is_not(None)))
+        stmt = update(Delivery).where(Delivery.status == DeliveryStatus.DEAD,
+                                      Delivery.output_id.not_in(purged))
         if delivery_ids:
             stmt = stmt.where(Delivery.id.in_(delivery_ids))
         result = session.execute(stmt.values(status=DeliveryStatus.PENDING, attempts=0,

@@ -8,6 +8,12 @@ Order of operations for one C-STORE (``shared/AUDIT.md``, "Consistency under cra
    file to ``<study>/<series>/<sop>.dcm`` and fsync the directory, then commit;
 3. the caller answers 0x0000 only when all of that returned.
 
+The rename comes after the instance row's INSERT: on PostgreSQL a concurrent writer of the same
+SOP Instance UID blocks on the unique index until this transaction commits, then fails and
+records a repeat, so it never replaces the file a committed row describes. A crash between the
+rename and the commit leaves a file without a row, set aside at start-up (its sender was not
+answered).
+
 No pixel data is decoded here.
 """
 
@@ -308,15 +314,11 @@ def store_instance(
                     dimse_status=0,
                     received_at=now,
                 ))
-                # the rename comes after the row's INSERT: on PostgreSQL a concurrent writer of
-                # the same SOP Instance UID blocks on the unique index until this commits, and
-                # then fails, so it never replaces the file this row describes. A crash between
-                # the rename and the commit leaves a file without a row (reconciled at start-up).
+                # after the INSERT (see the module docstring)
                 spool.commit_tmp(tmp, relative)
                 return StoreResult(action=StoreAction.CREATE, sha256=sha, path=relative)
         except IntegrityError:
-            # PostgreSQL: the same SOP Instance UID arrived concurrently on another association
-            # and committed first; our bytes are still in their temp file: record a repeat.
+            # PostgreSQL: the same UID committed first on another association: a repeat
             with transaction(factory) as session:
                 row = session.execute(
                     select(Instance.sha256, Instance.path).where(
