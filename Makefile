@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := dcmtk dicom3tools dcm2niix orthanc
+APT_PACKAGES := dcmtk dicom3tools dcm2niix orthanc chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test test-fast lint typecheck sysdeps venv bench clean
@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ## Debian packages the node and its tests drive (installed only when missing).
 sysdeps:
 	@if [ ! -x /usr/bin/storescu ] || [ ! -x /usr/bin/dciodvfy ] || [ ! -x /usr/bin/dcm2niix ] \
-	    || [ ! -x /usr/sbin/Orthanc ]; then \
+	    || [ ! -x /usr/sbin/Orthanc ] || [ ! -x /usr/bin/chromium ]; then \
 	  echo "installing $(APT_PACKAGES) (apt-get)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    --no-install-recommends $(APT_PACKAGES) >/dev/null; \

@@ -18,6 +18,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.registry import CollectorRegistry
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,15 +26,17 @@ from dicomnode import __version__
 from dicomnode.audit.db import make_engine, make_sessionmaker, migrate, transaction
 from dicomnode.audit.events import AuditEventID, Outcome, record_event
 from dicomnode.audit.models import Delivery, DeliveryStatus, Instance, NodeRun, Series, utcnow
-from dicomnode.files import file_sha256
+from dicomnode.files import disk_low, file_sha256
 from dicomnode.node.assemble import Assembler
 from dicomnode.node.executors import Executor, executor_class
 from dicomnode.node.jobs import reclaim_expired
+from dicomnode.node.metrics import NodeCollector
 from dicomnode.node.push import Pusher
 from dicomnode.node.receive import Receiver, serving
 from dicomnode.node.retention import purge
 from dicomnode.node.schedule import Sweeps, build_scheduler, run_soon
 from dicomnode.node.spool import Spool
+from dicomnode.node.web import OpsServer
 from dicomnode.pipelines import known_pipelines
 from dicomnode.settings import ConfigError, Settings
 
@@ -155,6 +158,9 @@ class Node:
                                               actor=settings.node.ae_title),
                    settings.retention.sweep_s)
         self.scheduler = build_scheduler(sweeps)
+        self.registry = CollectorRegistry()
+        self.registry.register(NodeCollector(self.factory, settings.var_dir))
+        self._servers: list[Any] = []
         self.receiver = Receiver(
             settings=settings, factory=self.factory, spool=self.spool,
             patient_secret=patient_secret(settings),
@@ -223,6 +229,24 @@ class Node:
                         "deliveries_resumed": resumed, "host": socket.gethostname()},
             )
 
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """``/healthz``: the database answers, every receiver listens, the disk has room."""
+        checks: dict[str, Any] = {}
+        try:
+            with self.factory() as session:
+                session.execute(select(1))
+            checks["database"] = "ok"
+        except Exception as exc:  # any failure to answer is the finding
+            checks["database"] = f"unreachable: {type(exc).__name__}"
+        listening = bool(self._servers) and all(s.socket.fileno() >= 0 for s in self._servers) \
+            and all(p.is_alive() for p in self._extra_receivers)
+        checks["receiver"] = "listening" if listening else "not listening"
+        free = disk_low(self.settings.var_dir, self.settings.node.min_free_disk_mb)
+        checks["disk"] = "ok" if free is None else \
+            f"{free:.0f} MB free, below node.min_free_disk_mb"
+        healthy = checks["database"] == "ok" and listening and free is None
+        return healthy, checks
+
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set, then shut down in order (stop accepting first)."""
         self._reconcile()
@@ -240,8 +264,13 @@ class Node:
             for _ in self._extra_receivers:  # report "listening" only when all of them are
                 if not ready.acquire(timeout=120):
                     raise RuntimeError("a receiving process did not start")
+        http = self.settings.http
+        ops = None if http.port is None else OpsServer(
+            host=http.host, port=http.port, factory=self.factory, registry=self.registry,
+            health=self.health, ae_title=self.settings.node.ae_title).start()
         try:
-            with serving(self.receiver, self.settings, reuse_port=reuse):
+            with serving(self.receiver, self.settings, reuse_port=reuse) as servers:
+                self._servers = servers
                 log.info("dicomnode %s listening on %s:%s as %s", __version__,
                          self.settings.node.host, self.settings.node.port,
                          self.settings.node.ae_title)
@@ -249,9 +278,14 @@ class Node:
                 print(f"listening on {self.settings.node.host}:{self.settings.node.port} "
                       f"as {self.settings.node.ae_title}"
                       + (" (TLS)" if tls and tls.port is None else "")
-                      + (f"; TLS on port {tls.port}" if tls and tls.port else ""), flush=True)
+                      + (f"; TLS on port {tls.port}" if tls and tls.port else "")
+                      + (f"; status page http://{http.host}:{ops.port}/" if ops else ""),
+                      flush=True)
                 stop.wait()
         finally:
+            self._servers = []
+            if ops is not None:
+                ops.stop()
             for extra in self._extra_receivers:
                 if extra.pid:
                     with contextlib.suppress(ProcessLookupError):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
-__all__ = ["file_sha256", "fsync_dir"]
+__all__ = ["disk_low", "file_sha256", "fsync_dir"]
 
 
 def file_sha256(path: Path) -> str:
@@ -33,3 +34,15 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def disk_low(path: Path, min_free_mb: float) -> float | None:
+    """The free space (MB) on ``path``'s filesystem when it is below ``min_free_mb``, else None
+    (also None when the check is off, ``min_free_mb`` 0, or the path cannot be read)."""
+    if min_free_mb <= 0:
+        return None
+    try:
+        free_mb = shutil.disk_usage(path).free / 1e6
+    except OSError:
+        return None
+    return free_mb if free_mb < min_free_mb else None

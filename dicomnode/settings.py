@@ -101,6 +101,10 @@ class NodeSettings(_Model):
         default_factory=list, description="Other called AE titles this node answers to; an "
         "association to any other title is rejected and audited.")
     tls: NodeTLS | None = Field(default=None, description="DICOM TLS; null: plain TCP only.")
+    min_free_disk_mb: float = Field(
+        default=1024.0, ge=0, description="Below this free space on var_dir's filesystem, new "
+        "associations are refused (transient: senders retry) and /healthz reports unhealthy; "
+        "0 turns the check off.")
 
 
 class DatabaseSettings(_Model):
@@ -266,6 +270,14 @@ class ScheduleSettings(_Model):
     delivery_sweep_s: float = Field(default=0.5, gt=0)
 
 
+class HttpSettings(_Model):
+    """The operations endpoint: ``/metrics`` (Prometheus), ``/healthz`` and the status page."""
+
+    host: str = Field(default="127.0.0.1", description="Listen address; the status page shows "
+                      "UIDs and can re-send dead letters: keep it local or behind a proxy.")
+    port: int | None = Field(default=8080, ge=1, le=65535, description="null: no HTTP server.")
+
+
 class RetentionSettings(_Model):
     """When received instances and written results are deleted from disk (rows stay: the audit
     trail keeps every UID, checksum and decision). Only finished work is ever deleted."""
@@ -329,6 +341,7 @@ class Settings(_Model):
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     ct_sr: CtSrSettings = Field(default_factory=CtSrSettings)
     models_dir: Path | None = Field(
         default=None, description="Model directories (manifests, MONAI bundles); default: the "

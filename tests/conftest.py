@@ -144,9 +144,13 @@ class NodeProcess:
         self.config = config
         self.port = int(config["node"]["port"])
         self.config_path = workdir / "dicomnode.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
+        self.write_config()
         self.log_path = workdir / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self) -> None:
+        """Write ``self.config`` (after a test changed it; takes effect at the next start)."""
+        self.config_path.write_text(yaml.safe_dump(self.config))
 
     @property
     def settings(self) -> Any:
@@ -217,6 +221,7 @@ def make_node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callab
             "rules": [{"name": "ct", "match": {"Modality": {"equals": "CT"}},
                        "pipelines": ["test-echo"]}],
             "executor": {"workers": 0},
+            "http": {"port": None},
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -255,3 +260,22 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
 
 def have_binary(name: str) -> bool:
     return shutil.which(name) is not None
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator[object]:
+    """Factory: ``orthanc_factory(**kwargs)`` an Orthanc PACS on free ports (not started)."""
+    from dicomnode.demo.localpacs import Orthanc
+
+    started: list[Orthanc] = []
+
+    def make(**kwargs: object) -> Orthanc:
+        require("/usr/sbin/Orthanc")
+        pacs = Orthanc(tmp_path / "orthanc", dicom_port=kwargs.pop("dicom_port", free_port()),
+                       http_port=free_port(), **kwargs)  # type: ignore[arg-type]
+        started.append(pacs)
+        return pacs
+
+    yield make
+    for pacs in started:
+        pacs.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -15,26 +14,10 @@ from sqlalchemy import select
 from dicomnode.audit.models import Delivery, DeliveryStatus, EventLog, Job, JobStatus, Output
 from dicomnode.demo.localpacs import Orthanc
 from dicomnode.demo.sample import write_phantom_ct
-from tests.conftest import ROOT, free_port, require, storescu, wait_for
+from tests.conftest import ROOT, free_port, storescu, wait_for
 from tests.test_receive import LIDC_UID
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]  # reads ../shared/data; Orthanc round trips
-
-
-@pytest.fixture
-def orthanc_factory(tmp_path: Path) -> Iterator[object]:
-    started: list[Orthanc] = []
-
-    def make(**kwargs: object) -> Orthanc:
-        require("/usr/sbin/Orthanc")
-        pacs = Orthanc(tmp_path / "orthanc", dicom_port=kwargs.pop("dicom_port", free_port()),
-                       http_port=free_port(), **kwargs)  # type: ignore[arg-type]
-        started.append(pacs)
-        return pacs
-
-    yield make
-    for pacs in started:
-        pacs.stop()
 
 
 def node_config(pacs: Orthanc, **dest: object) -> dict:

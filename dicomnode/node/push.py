@@ -209,7 +209,8 @@ class Pusher:
         return delivered
 
 
-def requeue_dead(factory: sessionmaker[Session], *, delivery_ids: list[int] | None = None) -> int:
+def requeue_dead(factory: sessionmaker[Session], *, delivery_ids: list[int] | None = None,
+                 actor: str = "cli") -> int:
     """Put dead letters (all, or the given ids) back in the outbox; returns how many."""
     with transaction(factory) as session:
         # results the retention policy already deleted cannot be re-sent
@@ -223,5 +224,5 @@ def requeue_dead(factory: sessionmaker[Session], *, delivery_ids: list[int] | No
                                              next_attempt_at=utcnow()))
         count = int(result.rowcount)  # type: ignore[attr-defined]
         record_event(session, "delivery.requeued", audit_event_id=AuditEventID.APPLICATION_ACTIVITY,
-                     actor="cli", detail={"count": count})
+                     actor=actor, detail={"count": count, "ids": delivery_ids or "all"})
         return count

@@ -7,6 +7,7 @@ the outcome, or any exception, into a DIMSE status. Nothing heavier runs on the 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import socket
@@ -31,6 +32,7 @@ from dicomnode.audit.events import AuditEventID, Outcome, record_event
 from dicomnode.audit.models import Association, utcnow
 from dicomnode.dicom.net import VERIFICATION, set_nodelay
 from dicomnode.dicom.tls import server_context
+from dicomnode.files import disk_low
 from dicomnode.node.spool import InstanceHeader, InvalidInstance, Spool, StoreAction, store_instance
 from dicomnode.settings import Settings
 
@@ -202,6 +204,8 @@ class Receiver:
         self.on_association_closed = on_association_closed
         self._states: weakref.WeakKeyDictionary[Any, _AssocState] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
+        # refusals the database could not take (a full disk it shares): recorded once it can
+        self._unrecorded: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)
 
     # -- handlers -------------------------------------------------------------------------
     def handlers(self) -> list[Any]:
@@ -241,13 +245,21 @@ class Receiver:
             assoc.acse.send_reject(0x01, 0x01, 0x07)
             self._refused(calling, called, str(host), int(port),
                           "called AE title is not this node's")
+        elif (free := disk_low(self.settings.var_dir, self.settings.node.min_free_disk_mb)) \
+                is not None:
+            # transient (senders retry): 0x02, service-provider (presentation), local limit
+            assoc.acse.send_reject(0x02, 0x03, 0x02)
+            self._refused(calling, called, str(host), int(port),
+                          f"free disk {free:.0f} MB below node.min_free_disk_mb",
+                          audit_event_id=AuditEventID.APPLICATION_ACTIVITY)
 
     def on_tls_refused(self, host: str, port: int, reason: str) -> None:
         """A TLS handshake failed (plain TCP on the TLS port, no certificate, a certificate from
         another CA): recorded like a rejected association."""
         self._refused("", "", host, port, reason)
 
-    def _refused(self, calling: str, called: str, host: str, port: int, reason: str) -> None:
+    def _refused(self, calling: str, called: str, host: str, port: int, reason: str, *,
+                 audit_event_id: AuditEventID = AuditEventID.SECURITY_ALERT) -> None:
         try:
             with transaction(self.factory) as session:
                 session.add(Association(
@@ -255,7 +267,7 @@ class Receiver:
                     peer_host=host[:64], peer_port=port, accepted=False,
                     reject_reason=reason[:128], ended_at=utcnow(), end_reason="rejected"))
                 record_event(
-                    session, "association.rejected", audit_event_id=AuditEventID.SECURITY_ALERT,
+                    session, "association.rejected", audit_event_id=audit_event_id,
                     outcome=Outcome.SERIOUS_FAILURE, actor=(calling or host)[:64],
                     detail={"peer_host": host, "called_ae": called, "reason": reason},
                 )
@@ -329,7 +341,22 @@ class Receiver:
             state.bytes += len(data)
             if result.action is StoreAction.CREATE:
                 state.stored += 1
+        if self._unrecorded:
+            self._record_late()
         return Status.SUCCESS
+
+    def _record_late(self) -> None:
+        """Record the refusals kept in memory while the database could not take them."""
+        with self._lock:
+            pending = list(self._unrecorded)
+            self._unrecorded.clear()
+        try:
+            with transaction(self.factory) as session:
+                for kwargs in pending:
+                    record_event(session, "instance.failed", **kwargs)
+        except Exception:
+            with self._lock:
+                self._unrecorded.extendleft(reversed(pending))
 
     def _fail(
         self,
@@ -345,20 +372,22 @@ class Receiver:
         if state:
             state.failed += 1
         reason = f"{what}: {type(exc).__name__}: {exc}"[:300]
+        detail: dict[str, Any] = {"dimse_status": status, "reason": reason,
+                                  "sop_instance_uid": sop_instance_uid,
+                                  "association_id": state.row_id if state else None}
+        event: dict[str, Any] = dict(
+            audit_event_id=AuditEventID.IMPORT, outcome=Outcome.SERIOUS_FAILURE,
+            actor=calling[:64], series_instance_uid=series_instance_uid, detail=detail)
+        if self._unrecorded:
+            self._record_late()
         try:
             with transaction(self.factory) as session:
-                record_event(
-                    session, "instance.failed", audit_event_id=AuditEventID.IMPORT,
-                    outcome=Outcome.SERIOUS_FAILURE, actor=calling[:64],
-                    series_instance_uid=series_instance_uid,
-                    detail={
-                        "dimse_status": status, "reason": reason,
-                        "sop_instance_uid": sop_instance_uid,
-                        "association_id": state.row_id if state else None,
-                    },
-                )
+                record_event(session, "instance.failed", **event)
         except Exception:
-            log.exception("could not record a failed C-STORE")
+            log.exception("could not record a failed C-STORE (kept until the database can)")
+            event["detail"] = {**detail, "dimse_status": Status.OUT_OF_RESOURCES,
+                               "recorded_late": True, "failed_at": utcnow().isoformat()}
+            self._unrecorded.append(event)
             return Status.OUT_OF_RESOURCES
         return status
 
