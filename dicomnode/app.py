@@ -25,7 +25,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import __version__
 from dicomnode.audit.db import make_engine, make_sessionmaker, migrate, transaction
 from dicomnode.audit.events import AuditEventID, Outcome, record_event
-from dicomnode.audit.models import Delivery, DeliveryStatus, Instance, NodeRun, Series, utcnow
+from dicomnode.audit.models import (
+    Association,
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    NodeRun,
+    Series,
+    utcnow,
+)
 from dicomnode.files import disk_low, file_sha256
 from dicomnode.node.assemble import Assembler
 from dicomnode.node.executors import Executor, executor_class
@@ -210,6 +218,13 @@ class Node:
             ).scalars().all()
             session.execute(update(NodeRun).where(NodeRun.id.in_(crashed)).values(
                 stopped_at=utcnow(), stop_reason="crash detected at next start"))
+            # associations of the crashed run never ended: close them as crashed (not
+            # "released": a crashed sender is never taken as finished, so their series still
+            # complete by the quiet period, after the sender has had time to send again)
+            closed = session.execute(
+                update(Association).where(Association.ended_at.is_(None))
+                .values(ended_at=utcnow(), end_reason="crashed")
+            ).rowcount  # type: ignore[attr-defined]
             resumed = session.execute(
                 update(Delivery).where(Delivery.status == DeliveryStatus.SENDING)
                 .values(status=DeliveryStatus.RETRY, next_attempt_at=utcnow())
@@ -226,7 +241,7 @@ class Node:
                 detail={"run_id": run.id, "version": __version__, "crashed_runs": list(crashed),
                         "tmp_removed": removed, "orphans_set_aside": orphans,
                         "instances_missing": missing, "jobs_requeued": requeued,
-                        "deliveries_resumed": resumed, "host": socket.gethostname()},
+                        "deliveries_resumed": resumed, "associations_closed": closed, "host": socket.gethostname()},
             )
 
     def health(self) -> tuple[bool, dict[str, Any]]:

@@ -13,7 +13,15 @@ import pytest
 from pynetdicom import AE
 from sqlalchemy import select
 
-from dicomnode.audit.models import EventLog, Instance, Job, JobStatus, Series, SeriesState
+from dicomnode.audit.models import (
+    Association,
+    EventLog,
+    Instance,
+    Job,
+    JobStatus,
+    Series,
+    SeriesState,
+)
 from tests.conftest import proc_stat, storescu, wait_for
 from tests.test_receive import LIDC_UID
 
@@ -111,6 +119,10 @@ def test_kill9_mid_transfer_loses_nothing_and_completes_once(make_node, lidc_cop
                             ).scalars().all()
     assert len(completions) == 1 and len(jobs) == 1
     assert started[-1].detail["crashed_runs"]  # the crash was detected at the restart
+    assert started[-1].detail["associations_closed"] >= 1  # the cut association, as crashed
+    with node.session() as s:
+        assert s.execute(select(Association).where(Association.end_reason == "crashed")
+                         ).scalars().all()
     assert node.stop() == 0
 
 

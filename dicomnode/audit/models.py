@@ -125,7 +125,7 @@ class Association(Base):
     reject_reason: Mapped[str | None] = mapped_column(String(128))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    end_reason: Mapped[str | None] = mapped_column(String(16))  # released / aborted / closed / rejected / unreachable
+    end_reason: Mapped[str | None] = mapped_column(String(16))  # released / aborted / closed / rejected / unreachable / crashed
     requests: Mapped[int] = mapped_column(Integer, default=0)
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     __table_args__ = (Index("ix_association_calling_ae_started", "calling_ae", "started_at"),)

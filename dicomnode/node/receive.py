@@ -18,9 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_fragments
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom import sop_class as _sop_class
 from pynetdicom.transport import ThreadedAssociationServer
@@ -33,6 +31,7 @@ from dicomnode.audit.models import Association, utcnow
 from dicomnode.dicom.net import VERIFICATION, set_nodelay
 from dicomnode.dicom.tls import server_context
 from dicomnode.files import disk_low
+from dicomnode.node.integrity import encoding_problem, integrity_problem, parse_cost_problem
 from dicomnode.node.spool import InstanceHeader, InvalidInstance, Spool, StoreAction, store_instance
 from dicomnode.settings import Settings
 
@@ -45,7 +44,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 # pynetdicom's list lacks some newer storage classes: add them (ARCHITECTURE.md).
 _EXTRA_STORAGE = {
     "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation Storage",
@@ -67,52 +65,6 @@ class Status:
     OUT_OF_RESOURCES = 0xA700
     DATASET_MISMATCH = 0xA900
     CANNOT_UNDERSTAND = 0xC000
-
-
-_EOI_SYNTAXES = {
-    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
-    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
-    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
-}
-
-
-def integrity_problem(ds: Dataset, transfer_syntax: str) -> str | None:
-    """Cheap checks that need no pixel decoding; ``None`` when the data set looks whole.
-
-    * a top-level element shorter than its declared length (a truncated stream);
-    * an IS / DS value that is not a number (a bad VR);
-    * native pixel data shorter than Rows x Columns x samples x bits x frames;
-    * an encapsulated JPEG / JPEG-LS / JPEG 2000 stream without its end-of-image marker.
-    """
-    for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
-        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.value is not None \
-                and len(raw.value) < raw.length:
-            return f"truncated: element {raw.tag} has {len(raw.value)} of {raw.length} bytes"
-    for elem in ds.iterall():
-        if elem.tag == 0x7FE00010:
-            continue
-        value = elem.value
-        if elem.VR in ("IS", "DS") and isinstance(value, str) and value.strip():
-            return f"invalid {elem.VR} value {value[:16]!r} in {elem.tag}"
-    if "PixelData" not in ds:
-        return None
-    pixels = ds.PixelData
-    if transfer_syntax in _EOI_SYNTAXES:
-        fragments = list(generate_fragments(pixels))
-        if not fragments or b"\xff\xd9" not in fragments[-1][-4:]:  # EOI, maybe padded
-            return "encapsulated pixel data ends without an end-of-image marker (truncated)"
-    elif transfer_syntax in _NATIVE:
-        try:
-            frames = int(ds.get("NumberOfFrames") or 1)
-            bits = int(ds.BitsAllocated)
-            expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames
-            expected = (expected * bits + 7) // 8
-        except (AttributeError, TypeError, ValueError):
-            return "pixel data without a usable Rows / Columns / BitsAllocated"
-        if len(pixels) < expected:
-            return f"pixel data has {len(pixels)} of {expected} bytes (truncated)"
-    return None
 
 
 class NodeServer(ThreadedAssociationServer):
@@ -302,12 +254,21 @@ class Receiver:
             state.requests += 1
         message_id = int(getattr(event.request, "MessageID", 0) or 0)
         try:
+            encoded = event.request.DataSet.getvalue()
+            problem = parse_cost_problem(encoded) or encoding_problem(
+                encoded, str(event.context.transfer_syntax))
+            if problem:  # refused before pydicom spends seconds decoding it
+                raise InvalidInstance(problem)
             ds = event.dataset
             ds.file_meta = event.file_meta
             problem = integrity_problem(ds, str(event.context.transfer_syntax))
             if problem:
                 raise InvalidInstance(problem)
             header = InstanceHeader.from_dataset(ds)
+            if header.sop_class_uid != str(event.context.abstract_syntax):
+                raise InvalidInstance(
+                    f"SOPClassUID {header.sop_class_uid} differs from the negotiated "
+                    f"{event.context.abstract_syntax}")
             requested = str(event.request.AffectedSOPInstanceUID or "")
             if requested and requested != header.sop_instance_uid:
                 raise InvalidInstance(
