@@ -95,7 +95,7 @@ def train_pix2pix(pairs: list[tuple[np.ndarray, np.ndarray]], *, seconds: float,
 
     ``flips``: each patch (CT, PET and loss mask alike) is mirrored left-right with
     probability 1/2, a body seen the other way round. Tried once on the leg model
-    (docs/pet-experiments.md): worse, but within the spread between training seeds; off.
+    (docs/research/pet-experiments.md): worse, but within the spread between training seeds; off.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -174,7 +174,7 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
     ``pretrain_share`` > 0: that share of ``seconds`` first trains a whole-body model that
     every district model starts from and is fine-tuned on its own district; the whole-body
     model is trained on for one share more, so that the baseline and every district model
-    have had the same time. Measured (docs/pet-experiments.md, 1.3.0 candidate: 1500 s,
+    have had the same time. Measured (docs/research/pet-experiments.md, 1.3.0 candidate: 1500 s,
     share 0.33, on three held-out phantoms): worse than from scratch in head/neck and the
     arms, better in the trunk; so the default stays 0.
 
@@ -185,7 +185,7 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
 
     ``loss_in_district``: districts whose model's L1 counts only the district's own voxels
     (those it is asked for at inference), not the rest of its 32^3 patches (``loss_masks``).
-    Measured (README, docs/pet-experiments.md): far better for the arms, whose patches are
+    Measured (README, docs/research/pet-experiments.md): far better for the arms, whose patches are
     mostly trunk, at two training seeds; worse for the trunk and, at one seed, the legs.
 
     ``seeds_per_model`` > 1: every model (the whole-body baseline too) is trained that many
@@ -194,7 +194,7 @@ def train_ct2pet(*, output: Path, cases: list[tuple[np.ndarray, np.ndarray, dict
     training or test cases) over the voxels it is asked for (its district; the whole-body
     model: every district) is kept; each candidate gets ``iterations`` (or an equal share of
     ``seconds``). The results of one training seed differ by more than most of the choices
-    above (docs/pet-experiments.md: legs 0.058-0.062 vs 0.075-0.078 SUV between two seeds).
+    above (docs/research/pet-experiments.md: legs 0.058-0.062 vs 0.075-0.078 SUV between two seeds).
     """
     import json
 

@@ -227,7 +227,7 @@ def train(
     ``peak_weight`` > 0 adds that times ``lesion_peak_loss`` (each lesion's maximum in the
     patch against the full-dose one's) to the loss: a Charbonnier fit to a noisy target
     predicts its typical value, so lesion maxima come out below the full-dose image's, which
-    DRMC's B_max counts (docs/pet-experiments.md, session 15). ``select`` and ``psnr_slack``:
+    DRMC's B_max counts (docs/research/pet-experiments.md). ``select`` and ``psnr_slack``:
     which validation checkpoint is written (``keep_checkpoint``).
 
     ``scale_augment`` (low, high): every patch pair is multiplied by its own factor drawn
