@@ -7,11 +7,11 @@ import hashlib
 from collections import Counter
 from pathlib import Path
 
-import pydicom
 import pytest
-from pynetdicom import AE, _config
+from pynetdicom import _config
 from sqlalchemy import select
 
+from bench.chaos import offer
 from dicomnode.audit.models import EventLog, Instance, InstanceReceipt
 from dicomnode.demo.sample import write_phantom_ct
 from dicomnode.dicom.net import echo
@@ -19,28 +19,6 @@ from tests.conftest import NodeProcess
 from tests.fuzz_corpus import corpus, distinct
 
 pytestmark = pytest.mark.slow  # some 240 associations
-
-
-def _offer(port: int, path: Path) -> int | str:
-    """C-STORE the file's bytes as they are; the status, or why no C-STORE could be sent."""
-    try:
-        meta = pydicom.filereader.read_file_meta_info(path)  # only the (intact) file meta
-        sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
-    except Exception as exc:  # noqa: BLE001 - the corpus entry's own damage
-        return f"no meta: {type(exc).__name__}"
-    ae = AE(ae_title="FUZZER")
-    ae.add_requested_context(sop_class, [syntax])
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
-    if not assoc.is_established:
-        return "association refused"
-    try:
-        rsp = assoc.send_c_store(path)
-        return int(rsp.Status) if "Status" in rsp else "no status (aborted)"
-    except Exception as exc:  # noqa: BLE001
-        return f"not sent: {type(exc).__name__}"
-    finally:
-        if assoc.is_established:
-            assoc.release()
 
 
 def test_malformed_corpus_each_answered_recorded_and_the_node_stays_up(
@@ -56,7 +34,7 @@ def test_malformed_corpus_each_answered_recorded_and_the_node_stays_up(
     for name, data in entries:
         path = folder / f"{name}.dcm"
         path.write_bytes(data)
-        answers[name] = _offer(node.port, path)
+        answers[name] = offer(node.port, path)
         assert node.proc is not None and node.proc.poll() is None, f"node died on {name}"
     assert echo(host="127.0.0.1", port=node.port, called_aet="DICOMNODE") == 0
 
