@@ -524,10 +524,13 @@ def main() -> None:
     parser.add_argument("--job-rounds", type=int, default=6, help="kill -9 rounds job/push")
     parser.add_argument("--load-s", type=float, default=120)
     parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--only", choices=["receive", "job_push", "malformed", "load"],
+                        action="append", help="run these parts; keep the others' results")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     shutil.rmtree(WORK, ignore_errors=True)
-    results: dict[str, Any] = {
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.only else {}
+    results |= {
         "command": f"python -m bench.chaos --rounds {args.rounds} --job-rounds "
                    f"{args.job_rounds} --load-s {args.load_s:g} --senders {args.senders}",
         "machine": f"{os.cpu_count()} CPUs, no GPU", "database": "SQLite (the default)"}
@@ -537,6 +540,8 @@ def main() -> None:
                       ("malformed", lambda: malformed(WORK / "malformed")),
                       ("load", lambda: load(WORK / "load", seconds=args.load_s,
                                             senders=args.senders))):
+        if args.only and name not in args.only:
+            continue
         started = time.monotonic()
         results[name] = {**run(), "bench_s": round(time.monotonic() - started, 1)}
         print(name, json.dumps(results[name]), flush=True)

@@ -52,6 +52,9 @@ __all__ = ["Node", "check_pipelines", "open_database", "patient_secret"]
 
 log = logging.getLogger(__name__)
 
+# Start-ups after a crash that may each give a cut job its attempt back (then they count).
+RESTART_GRACE = 5
+
 
 def open_database(settings: Settings, *, upgrade: bool | None = None) -> tuple[Engine, sessionmaker[Session]]:
     """The engine and session factory for the settings' database (migrated when asked)."""
@@ -211,7 +214,10 @@ class Node:
         orphans, missing = self._reconcile_spool()
         # local workers are this node's children: any RUNNING job is an orphan now; remote
         # (celery) workers may still be running theirs, so only expired leases count
-        requeued = reclaim_expired(self.factory, all_running=self.executor.claims_locally)
+        # (an attempt cut by the node's own death is given back, up to RESTART_GRACE times)
+        requeued = reclaim_expired(
+            self.factory, all_running=self.executor.claims_locally,
+            restart_cap=self.settings.executor.max_attempts + RESTART_GRACE)
         with transaction(self.factory) as session:
             crashed = session.execute(
                 select(NodeRun.id).where(NodeRun.stopped_at.is_(None))

@@ -87,6 +87,12 @@ def corpus(base_file: Path) -> Iterator[tuple[str, bytes]]:
             ds.add_new(pydicom.datadict.tag_for_keyword(k), r, None)  # type: ignore[arg-type]
             ds[k]._value = v  # as given: pydicom would refuse some of these values
         yield f"claim-{keyword}-{value}", whole(_edited(base, claim))
+    # the pixel description incomplete (found by tests/test_store_properties.py)
+    for keyword in ("BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel",
+                    "PhotometricInterpretation"):
+        def drop(ds: Dataset, k: str = keyword) -> None:
+            del ds[k]
+        yield f"pixel-description-no-{keyword}", whole(_edited(base, drop))
 
     # numbers that are not numbers (one or several values)
     for keyword in ("SliceThickness", "RescaleSlope", "RescaleIntercept", "WindowCenter",
@@ -108,7 +114,8 @@ def corpus(base_file: Path) -> Iterator[tuple[str, bytes]]:
     # UIDs: missing, empty, too long, not a UID
     for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID"):
         for name, value in (("missing", None), ("empty", ""), ("long", "1." + "2" * 70),
-                            ("letters", "1.2.abc"), ("path", "../../etc/passwd")):
+                            ("letters", "1.2.abc"), ("path", "../../etc/passwd"),
+                            ("binary", "1.2.\x91\x01")):
             def uid_edit(ds: Dataset, k: str = keyword, v: str | None = value) -> None:
                 if v is None:
                     del ds[k]

@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError
 
 from dicomnode.audit.db import downgrade, make_engine, make_sessionmaker, migrate, transaction
 from dicomnode.audit.events import AuditEventID, record_event, verify_chain
-from dicomnode.audit.models import Base, EventLog, InstanceReceipt, Job, Series
+from dicomnode.audit.models import Base, EventLog, InstanceReceipt, Job, JobStatus, Series
 from dicomnode.node.jobs import claim_job, enqueue_job
 
 
@@ -205,4 +205,40 @@ def test_publish_due_hands_each_attempt_to_the_broker_once(db_url: str) -> None:
     assert reclaim_expired(factory) == 1
     again: list[int] = []
     assert publish_due(factory, lambda i, p: again.append(i)) == 1 and again == [job.id]
+    engine.dispose()
+
+
+def test_a_node_restart_gives_the_cut_attempt_back_up_to_a_cap(db_url: str) -> None:
+    """A job cut by the node's own death (start-up reclaim) keeps its attempts: three power
+    cuts during one job used to leave it DEAD. A job that takes the node down every time
+    still ends DEAD once ``restart_cap`` is reached; an expired lease (the worker's death)
+    always counts."""
+    from datetime import timedelta
+
+    from dicomnode.audit.models import utcnow
+    from dicomnode.node.jobs import reclaim_expired
+
+    engine, factory = _queue(db_url, ["p"], max_attempts=1)
+    states = []
+    for _ in range(4):
+        assert claim_job(factory, owner="w", lease_s=60, device="cpu") is not None
+        assert reclaim_expired(factory, all_running=True, restart_cap=3) == 1
+        with factory() as s:
+            job = s.execute(select(Job)).scalar_one()
+            states.append((job.status.value, job.attempts, job.max_attempts, job.error_code))
+        if job.status == JobStatus.DEAD:
+            break
+    assert states == [("QUEUED", 1, 2, "node_restart"), ("QUEUED", 2, 3, "node_restart"),
+                      ("DEAD", 3, 3, "node_restart")]
+    # a worker's expired lease is the job's own attempt: max_attempts stays
+    with transaction(factory) as s:
+        s.execute(update(Job).values(status=JobStatus.QUEUED, attempts=0, max_attempts=2,
+                                     finished_at=None))
+    assert claim_job(factory, owner="w", lease_s=60, device="cpu") is not None
+    with transaction(factory) as s:
+        s.execute(update(Job).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert reclaim_expired(factory, restart_cap=10) == 1
+    with factory() as s:
+        job = s.execute(select(Job)).scalar_one()
+        assert (job.max_attempts, job.error_code) == (2, "lease_expired")
     engine.dispose()

@@ -332,3 +332,21 @@ def test_seg_preview_draws_each_segment_outline_in_its_colour(tmp_path: Path) ->
     assert (axial == [255, 0, 0]).all(axis=-1).any() and (axial == [0, 255, 0]).all(axis=-1).any()
     coronal = np.asarray(Image.open(paths[1]))
     assert coronal.shape[0] == 20  # 10 slices of 2 mm shown at 1 mm per pixel
+
+
+def test_a_ct_slice_without_its_rescale_is_refused_not_read_with_a_default(tmp_path: Path) -> None:
+    """RescaleIntercept is Type 1 in the CT Image module; reading a missing one as 0 would put
+    every value 1024 HU off on a scanner that stores unsigned pixels (found by the C-STORE
+    property test: the node stores such a slice, so the pipeline must refuse it)."""
+    import pydicom
+
+    from dicomnode.demo.sample import write_phantom_ct
+
+    files = sorted(write_phantom_ct(tmp_path / "ct", slices=4, size=16))
+    assert load_series(files).array.shape == (4, 16, 16)
+    ds = pydicom.dcmread(files[2])
+    del ds.RescaleIntercept
+    ds.save_as(files[2])
+    with pytest.raises(PipelineRefusal) as info:
+        load_series(files)
+    assert info.value.code == "missing_rescale" and ds.SOPInstanceUID in info.value.reason

@@ -174,6 +174,11 @@ def _frames(ds: Dataset) -> list[_Frame]:
     spacing = ds.get("PixelSpacing")
     if not spacing:
         raise PipelineRefusal("missing_geometry", "PixelSpacing missing")
+    if str(ds.get("SOPClassUID", "")) in _RESCALE_REQUIRED and any(
+            _float(ds, k) is None for k in ("RescaleSlope", "RescaleIntercept")):
+        # Type 1 in the CT and PET Image modules: a default of 1 / 0 would misread the values
+        raise PipelineRefusal("missing_rescale", "RescaleSlope / RescaleIntercept missing "
+                              f"or not a number in instance {ds.get('SOPInstanceUID', '?')}")
     return [_Frame(
         dataset=ds, frame_index=None,
         position=np.array(ds.ImagePositionPatient, dtype=float),
@@ -182,6 +187,10 @@ def _frames(ds: Dataset) -> list[_Frame]:
         slope=_float(ds, "RescaleSlope", 1.0),  # type: ignore[arg-type]
         intercept=_float(ds, "RescaleIntercept", 0.0),  # type: ignore[arg-type]
     )]
+
+
+# CT Image Storage, PET Image Storage
+_RESCALE_REQUIRED = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.128"}
 
 
 def _is_localizer(ds: Dataset) -> bool:

@@ -75,15 +75,23 @@ def encoding_problem(encoded: bytes, transfer_syntax: str) -> str | None:
     return None
 
 
+# Type 1 in the Image Pixel module (PS3.3 C.7.6.3): without any one of them the pixels cannot
+# be read unambiguously (a missing PixelRepresentation turns negative HU into large positive
+# values), so such an instance is refused rather than stored and misread later.
+PIXEL_DESCRIPTION = ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+                     "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation")
+
+
 def _pixel_module_problem(ds: Dataset) -> str | None:
+    missing = [k for k in PIXEL_DESCRIPTION if ds.get(k) in (None, "")]
+    if missing:
+        return f"pixel data without {', '.join(missing)}"
     try:
         rows, columns, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
-        stored = int(ds.get("BitsStored", bits))
-        high = int(ds.get("HighBit", stored - 1))
-        samples = int(ds.get("SamplesPerPixel", 1))
-        representation = int(ds.get("PixelRepresentation", 0))
+        stored, high = int(ds.BitsStored), int(ds.HighBit)
+        samples, representation = int(ds.SamplesPerPixel), int(ds.PixelRepresentation)
     except (AttributeError, TypeError, ValueError):
-        return "pixel data without a usable Rows / Columns / BitsAllocated"
+        return "pixel data with a pixel description that is not a number"
     if rows <= 0 or columns <= 0 or bits not in (1, 8, 16, 32, 64):
         return f"pixel data with Rows {rows}, Columns {columns}, BitsAllocated {bits}"
     if not 0 < stored <= bits or not stored - 1 <= high < bits:

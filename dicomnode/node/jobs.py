@@ -272,13 +272,19 @@ def finish_job(
     return job.status
 
 
-def reclaim_expired(factory: sessionmaker[Session], *, all_running: bool = False) -> int:
+def reclaim_expired(factory: sessionmaker[Session], *, all_running: bool = False,
+                    restart_cap: int = 0) -> int:
     """Re-queue RUNNING jobs whose lease expired (a worker died); returns how many.
 
     Parameters
     ----------
     all_running
         At start-up no worker of this node is running yet, so every RUNNING job is an orphan.
+    restart_cap
+        With ``all_running``: the job was cut by the node's own death (a crash, a pulled
+        plug), not by the job, so the attempt is given back (``max_attempts`` + 1) while
+        ``max_attempts`` is below this cap. A job that takes the whole node down every time
+        still ends DEAD once the cap is reached.
     """
     now = utcnow()
     count = 0
@@ -287,10 +293,14 @@ def reclaim_expired(factory: sessionmaker[Session], *, all_running: bool = False
         if not all_running:
             query = query.where(Job.lease_expires_at < now)
         for job in session.execute(query.with_for_update(skip_locked=True)).scalars():
+            given_back = all_running and job.max_attempts < restart_cap
+            if given_back:
+                job.max_attempts += 1
             dead = job.attempts >= job.max_attempts
             job.status = JobStatus.DEAD if dead else JobStatus.QUEUED
-            job.error_code = "lease_expired"
-            job.error_detail = f"worker {job.lease_owner} stopped renewing its lease"
+            job.error_code = "node_restart" if all_running else "lease_expired"
+            job.error_detail = (f"the node stopped while {job.lease_owner} ran it" if all_running
+                                else f"worker {job.lease_owner} stopped renewing its lease")
             job.lease_owner = None
             job.lease_expires_at = None
             job.next_attempt_at = now
@@ -302,7 +312,8 @@ def reclaim_expired(factory: sessionmaker[Session], *, all_running: bool = False
                 audit_event_id=AuditEventID.APPLICATION_ACTIVITY,
                 outcome=Outcome.MINOR_FAILURE,
                 actor="scheduler",
-                detail={"job_id": job.id, "status": job.status.value, "attempts": job.attempts},
+                detail={"job_id": job.id, "status": job.status.value, "attempts": job.attempts,
+                        "cause": job.error_code, "attempt_given_back": given_back},
             )
             count += 1
     return count

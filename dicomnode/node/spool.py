@@ -130,6 +130,8 @@ class InstanceHeader:
                 raise InvalidInstance(f"{keyword} is missing or empty")
             if len(value) > 64:
                 raise InvalidInstance(f"{keyword} is longer than 64 characters")
+            if not (value.isascii() and value.isprintable()):
+                raise InvalidInstance(f"{keyword} holds bytes that no UID can hold")
             values[keyword] = value
         expected = _int_or_none(ds, "ImagesInAcquisition")
         if ds.get("Modality") == "PT":
