@@ -103,6 +103,12 @@ def check_pipelines(settings: Settings) -> dict[str, str]:
                 raise ConfigError(
                     f"rules.{index}.pipelines.{j}: unknown pipeline {name!r}; known: {sorted(known)}"
                 )
+            if set(known[name].roles) != set(rule.requires):
+                raise ConfigError(
+                    f"rules.{index}.pipelines.{j}: pipeline {name!r} reads "
+                    + (f"a study with the roles {list(known[name].roles)}: the rule's "
+                       "'requires' must name exactly these" if known[name].roles else
+                       "one series: a study rule (requires) cannot run it"))
             if missing := known[name].missing():
                 raise ConfigError(
                     f"rules.{index}.pipelines.{j}: pipeline {name!r} needs {', '.join(missing)}, "

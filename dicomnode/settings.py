@@ -188,6 +188,18 @@ class Rule(_Model):
     completion: CompletionPolicy | None = Field(
         default=None, description="Overrides the default completion policy for this rule."
     )
+    requires: dict[str, dict[str, MatchCondition]] = Field(
+        default_factory=dict, description="A study rule: role -> conditions, e.g. {CT: "
+        "{Modality: {equals: CT}}, PET: {Modality: {equals: PT}}}. One job per study runs "
+        "once a complete series of the same StudyInstanceUID fills every role, in any order; "
+        "the pipelines read the series by role. Replaces match.")
+    study_max_wait_s: float = Field(
+        default=3600.0, gt=0, description="A study rule: after this long with a role still "
+        "empty the study is recorded INCOMPLETE, naming the missing roles (a late series "
+        "still starts the job).")
+    allow_frame_of_reference_mismatch: bool = Field(
+        default=False, description="A study rule: run even when the series' Frames of "
+        "Reference differ (only if the site registers them otherwise).")
 
     @field_validator("match")
     @classmethod
@@ -198,6 +210,31 @@ class Rule(_Model):
             if dictionary_VR(keyword) == "SQ":
                 raise ValueError(f"{keyword!r} is a sequence; rules match single values")
         return value
+
+    @field_validator("requires")
+    @classmethod
+    def _roles(cls, value: dict[str, dict[str, MatchCondition]]
+               ) -> dict[str, dict[str, MatchCondition]]:
+        for role, conditions in value.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,31}", role):
+                raise ValueError(f"role {role!r}: letters, digits, _ or -, at most 32")
+            if not conditions:
+                raise ValueError(f"role {role!r} has no conditions: it would match any series")
+            cls._known_keywords(conditions)
+        return value
+
+    @model_validator(mode="after")
+    def _study_rule(self) -> Rule:
+        if self.requires and self.match:
+            raise ValueError("a study rule (requires) matches its series by role; move the "
+                             "conditions of 'match' into each role of 'requires'")
+        if self.requires and len(self.requires) < 2:
+            raise ValueError("requires names at least two roles (one series is a plain rule)")
+        return self
+
+    @property
+    def is_study_rule(self) -> bool:
+        return bool(self.requires)
 
 
 class Destination(_Model):

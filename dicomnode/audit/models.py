@@ -74,6 +74,15 @@ class SeriesState(enum.StrEnum):
     DISCARDED = "DISCARDED"
 
 
+class StudyState(enum.StrEnum):
+    """A study rule's decision for one study (one row per study and rule)."""
+
+    WAITING = "WAITING"  # some required series are complete, others not yet
+    QUEUED = "QUEUED"  # every required series complete and registered: the job is queued
+    INCOMPLETE = "INCOMPLETE"  # study_max_wait_s passed with a required series missing
+    REFUSED = "REFUSED"  # every series there, but not registered (Frames of Reference differ)
+
+
 class JobStatus(enum.StrEnum):
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
@@ -225,6 +234,31 @@ class Job(Base):
     error_detail: Mapped[str | None] = mapped_column(Text)
     outputs_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # retention
     __table_args__ = (Index("ix_job_status_next_attempt", "status", "next_attempt_at"),)
+
+
+class StudyDecision(Base):
+    """Study-level routing (a rule with ``requires``): which series fill which role, and what
+    was decided, once per study and rule."""
+
+    __tablename__ = "study_decision"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    rule_name: Mapped[str] = mapped_column(String(64))
+    state: Mapped[StudyState] = mapped_column(_enum(StudyState, "study_state"))
+    roles: Mapped[dict[str, int]] = mapped_column(JSON)  # role -> series id
+    reason: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    __table_args__ = (UniqueConstraint("study_instance_uid", "rule_name"),)
+
+
+class JobSeries(Base):
+    """The series a study job reads, each in its role (a series job has no rows here)."""
+
+    __tablename__ = "job_series"
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(32))
 
 
 class JobInput(Base):

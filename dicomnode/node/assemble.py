@@ -30,6 +30,7 @@ from dicomnode.audit.models import Association, Instance, Series, SeriesState, u
 from dicomnode.dicom.volume import ORIENTATION_TOL, spacing_problem
 from dicomnode.node.jobs import enqueue_job
 from dicomnode.node.route import RuleEvaluation, evaluate_rules, header_values
+from dicomnode.node.study import bound_enqueue, note_series, study_sweep
 from dicomnode.pipelines import get_pipeline
 from dicomnode.settings import CompletionPolicy, Settings
 
@@ -133,6 +134,8 @@ class Assembler:
         # series id -> ((instance count, last received), content problem, rows counted): the
         # slice positions are re-read only when the series has received something new
         self._content_cache: dict[int, tuple[tuple[int, datetime], str | None, int]] = {}
+        self._study_rules = {r.name: r for r in settings.rules if r.requires}
+        self._enqueue = bound_enqueue(settings, self.model_versions, config_sha256)
 
     def _evaluations(self, series: Series) -> list[RuleEvaluation]:
         cached = self._rules_cache.get(series.id)
@@ -166,6 +169,8 @@ class Assembler:
                     done.append(series.series_instance_uid)
             except Exception:
                 log.exception("completion of series id %s failed", series.id)
+        if self._study_rules:
+            study_sweep(self.settings, self.factory, now=utcnow(), enqueue=self._enqueue)
         return done
 
     def _try_complete(self, series: Series, now: datetime) -> bool:
@@ -214,6 +219,7 @@ class Assembler:
         evaluations: list[RuleEvaluation], now: datetime,
     ) -> bool:
         matched = [e for e in evaluations if e.matched]
+        per_series = [e for e in matched if e.role is None]
         with transaction(self.factory) as session:
             result = session.execute(
                 update(Series)
@@ -243,13 +249,18 @@ class Assembler:
                     for e in evaluations
                 ]},
             )
+            waits = [note_series(session, series=series, rule=self._study_rules[e.rule],
+                                 role=e.role, now=now) for e in matched if e.role]
+            if not per_series and not any(waits):
+                session.execute(update(Series).where(Series.id == series.id)
+                                .values(state=SeriesState.DONE))
             shas = session.execute(
                 select(Instance.sha256).where(Instance.series_id == series.id)
                 .order_by(Instance.sha256)
             ).scalars().all()
             input_sha = hashlib.sha256("".join(shas).encode()).hexdigest()
             rules = {r.name: r for r in self.settings.rules}
-            for evaluation in matched:
+            for evaluation in per_series:
                 rule = rules[evaluation.rule]
                 for pipeline in rule.pipelines:
                     spec = get_pipeline(pipeline)

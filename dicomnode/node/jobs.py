@@ -54,18 +54,21 @@ def enqueue_job(
     model_name: str | None = None,
     model_version: str | None = None,
     config_sha256: str | None = None,
+    study_key: str | None = None,
 ) -> int | None:
     """Insert a job unless its idempotency key exists; returns the new id or ``None``.
 
     The key covers the model too: a new model version runs the series again.
     ``config_sha256`` is the config file that routed it (recorded, not part of the key).
+    ``study_key`` (a study rule: study UID and rule) replaces the series and its content in
+    the key: one job per study, pipeline and version, whatever is re-sent later.
     """
     key = idempotency_key(
-        series_instance_uid=series.series_instance_uid,
+        series_instance_uid=study_key or series.series_instance_uid,
         pipeline=pipeline,
         pipeline_version=pipeline_version
         + (f"+{model_name}@{model_version}" if model_name else ""),
-        input_sha256=input_sha256,
+        input_sha256="" if study_key else input_sha256,
     )
     values = dict(
         idempotency_key=key,

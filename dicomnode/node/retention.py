@@ -38,6 +38,7 @@ from dicomnode.audit.models import (
     DeliveryStatus,
     Instance,
     Job,
+    JobSeries,
     JobStatus,
     Output,
     Series,
@@ -119,6 +120,10 @@ def candidates(session: Session) -> tuple[list[Candidate], int]:
     total = sum(int(b) for sid, b in series_bytes.items()
                 if sid in series and series[sid].purged_at is None)
     series_jobs: dict[int, list[Any]] = defaultdict(list)
+    by_id = {job.id: job for job in jobs}
+    for job_id, series_id in session.execute(select(JobSeries.job_id, JobSeries.series_id)):
+        if series_id != by_id[job_id].series_id:  # a study job's other series: kept for it
+            series_jobs[series_id].append(by_id[job_id])
     for job in jobs:
         series_jobs[job.series_id].append(job)
         if job.outputs_purged_at is not None:

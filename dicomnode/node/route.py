@@ -24,6 +24,8 @@ class RuleEvaluation:
     rule: str
     matched: bool
     reason: str
+    # a study rule (``requires``): the role this series fills when matched
+    role: str | None = None
 
 
 def _as_text(value: Any) -> str:
@@ -63,7 +65,16 @@ def _check(keyword: str, cond: MatchCondition, value: Any) -> str | None:
 def header_values(ds: Dataset, rules: list[Rule]) -> dict[str, Any]:
     """The values of every keyword any rule looks at (absent keywords map to ``None``)."""
     keywords = {k for rule in rules for k in rule.match}
+    keywords |= {k for rule in rules for conds in rule.requires.values() for k in conds}
     return {k: ds.get(k) for k in keywords}
+
+
+def _first_miss(conditions: Mapping[str, Any], values: Mapping[str, Any]) -> str | None:
+    for keyword, cond in conditions.items():
+        reason = _check(keyword, cond, values.get(keyword))
+        if reason:
+            return reason
+    return None
 
 
 def evaluate_rules(
@@ -83,19 +94,28 @@ def evaluate_rules(
     Returns
     -------
     list[RuleEvaluation]
-        One entry per rule, in order.
+        One entry per rule, in order. For a study rule, ``matched`` says the series fills
+        one of its roles (``role``, the first that fits), the reason why not otherwise.
     """
     out = []
     for rule in rules:
-        reason = None
+        role = None
+        reason: str | None = None
         if rule.calling_ae and (calling_ae or "") not in rule.calling_ae:
             reason = f"calling AE {calling_ae!r} not in {rule.calling_ae}"
-        else:
-            for keyword, cond in rule.match.items():
-                reason = _check(keyword, cond, values.get(keyword))
-                if reason:
+        elif rule.requires:
+            misses = {}
+            for name, conditions in rule.requires.items():
+                miss = _first_miss(conditions, values)
+                if miss is None:
+                    role = name
                     break
-        out.append(
-            RuleEvaluation(rule=rule.name, matched=reason is None, reason=reason or "all conditions hold")
-        )
+                misses[name] = miss
+            if role is None:
+                reason = "fills no role: " + "; ".join(f"{r}: {m}" for r, m in misses.items())
+        else:
+            reason = _first_miss(rule.match, values)
+        out.append(RuleEvaluation(
+            rule=rule.name, matched=reason is None, role=role,
+            reason=reason or (f"fills role {role}" if role else "all conditions hold")))
     return out

@@ -55,6 +55,9 @@ class PipelineSpec:
     requires
         Python modules the run function needs beyond the core install (torch, monai: the
         ``ml`` extra); a rule naming the pipeline without them is a config error.
+    roles
+        A study pipeline: the series roles it reads (``ctx.series_roles``), e.g. ``("CT",
+        "PET")``; only a study rule whose ``requires`` has these roles may name it.
 
     Raises
     ------
@@ -69,6 +72,7 @@ class PipelineSpec:
     description: str
     series_number: int
     requires: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.series_number <= 999:
@@ -137,6 +141,7 @@ def job_context(
     preview: bool | None = None,
     resample: bool = False,
     progress: Callable[[float], None] | None = None,
+    series_roles: dict[str, tuple[Path, ...]] | None = None,
 ) -> JobContext:
     """The context of one run, the same for a job in the node and for ``dicomnode run``."""
     extra: dict[str, Any] = {"progress": progress} if progress is not None else {}
@@ -150,6 +155,7 @@ def job_context(
         options={"preview": settings.output.previews if preview is None else preview,
                  "resample": resample, "model": model, "ct_sr": settings.ct_sr.model_dump(),
                  "models_dir": str(settings.models_path)},
+        series_roles=series_roles or {},
         **extra,
     )
 

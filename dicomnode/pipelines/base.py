@@ -47,6 +47,9 @@ class JobContext:
     # the model that ran (name, version, why), filled by run: the worker records it in the job
     # where the rule named none
     model_used: dict[str, str] = field(default_factory=dict)
+    # a study job (a rule with ``requires``): role -> that series' files (all of them are also
+    # in input_files); empty for a series job
+    series_roles: dict[str, tuple[Path, ...]] = field(default_factory=dict)
 
 
 RunFunction = Callable[[JobContext], list[OutputFile]]

@@ -64,3 +64,28 @@ register(
         requires=("torch",),
     )
 )
+
+# study pipelines: a rule with requires: {CT: ..., PET: ...} (one job per PET/CT study)
+register(
+    PipelineSpec(
+        name="petct-suv25",
+        version="1.0.0",
+        entry_point="dicomnode.pipelines.petct_lesions:run_suv25",
+        modalities=("CT", "PT"),
+        description="FDG PET/CT lesions at SUVbw >= 2.5 (threshold baseline) -> SEG + TID 1500 SR",
+        series_number=5,
+        roles=("CT", "PET"),
+    )
+)
+
+register(
+    PipelineSpec(
+        name="petct-suv41",
+        version="1.0.0",
+        entry_point="dicomnode.pipelines.petct_lesions:run_suv41",
+        modalities=("CT", "PT"),
+        description="FDG PET/CT lesions at 41 % of SUVmax (threshold baseline) -> SEG + TID 1500 SR",
+        series_number=6,
+        roles=("CT", "PET"),
+    )
+)

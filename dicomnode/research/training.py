@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dicomnode.dicom.grid import resample_onto
 from dicomnode.research.simulate import FRAME_S, PET_MM, pet_truth, simulate_pet
 from dicomnode.resources import example_data_dir
 
@@ -202,22 +203,6 @@ def phantom_seeds(*, cases: int, seed: int, lidc: bool = True) -> list[int]:
     lidc-idri-0001 instead when the shared data is present and ``lidc``."""
     first = 1 if lidc and _lidc() is not None else 0
     return [seed + i for i in range(first, cases)]
-
-
-def resample_onto(values: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
-                  dst_shape: tuple[int, ...]) -> np.ndarray:
-    """``values`` (on the grid of ``src_affine``) sampled at the voxel centres of another grid
-    in the same patient space (trilinear; 0 outside the source)."""
-    from scipy import ndimage as ndi
-
-    to_src = np.linalg.inv(src_affine) @ dst_affine
-    out = np.empty(dst_shape, np.float32)
-    jj, ii = np.mgrid[0: dst_shape[1], 0: dst_shape[2]]
-    for k in range(dst_shape[0]):
-        idx = np.stack([np.full(jj.shape, k), jj, ii, np.ones(jj.shape)]).reshape(4, -1)
-        src = (to_src @ idx)[:3]
-        out[k] = ndi.map_coordinates(values, src, order=1, cval=0.0).reshape(jj.shape)
-    return out
 
 
 def site_ct2pet_cases(pair_dirs: list[str]

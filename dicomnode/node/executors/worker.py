@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit.db import transaction
@@ -19,6 +19,7 @@ from dicomnode.audit.models import (
     Instance,
     Job,
     JobInput,
+    JobSeries,
     JobStatus,
     Output,
     OutputState,
@@ -82,24 +83,38 @@ def _record_outputs(
     return deliveries
 
 
-def _settle_series(session: Session, series_id: int) -> None:
-    """Mark the series DONE / FAILED once none of its jobs is pending."""
-    statuses = set(session.execute(select(Job.status).where(Job.series_id == series_id)).scalars())
-    if statuses & {JobStatus.QUEUED, JobStatus.RUNNING}:
-        return
-    state = SeriesState.DONE if statuses <= {JobStatus.SUCCEEDED} else SeriesState.FAILED
-    session.execute(
-        update(Series).where(Series.id == series_id, Series.state == SeriesState.ROUTED)
-        .values(state=state, row_version=Series.row_version + 1)
-    )
+def _job_series_ids(session: Session, job_id: int, primary: int) -> list[int]:
+    """The series a job reads: its own, and for a study job every series in its roles."""
+    others = session.execute(select(JobSeries.series_id).where(JobSeries.job_id == job_id)
+                             ).scalars().all()
+    return [primary, *sorted(set(others) - {primary})]
 
 
-def _job_inputs(factory: sessionmaker[Session], job: ClaimedJob) -> tuple[list[Any], str | None]:
-    """The series' instances (recorded as the job's inputs) and the AE title that sent it."""
+def _settle_series(session: Session, job_id: int, primary: int) -> None:
+    """Mark each series the job read DONE / FAILED once no job reading it is pending."""
+    for series_id in _job_series_ids(session, job_id, primary):
+        as_companion = select(JobSeries.job_id).where(JobSeries.series_id == series_id)
+        statuses = set(session.execute(select(Job.status).where(
+            or_(Job.series_id == series_id, Job.id.in_(as_companion)))).scalars())
+        if statuses & {JobStatus.QUEUED, JobStatus.RUNNING}:
+            continue
+        state = SeriesState.DONE if statuses <= {JobStatus.SUCCEEDED} else SeriesState.FAILED
+        session.execute(
+            update(Series).where(Series.id == series_id, Series.state == SeriesState.ROUTED)
+            .values(state=state, row_version=Series.row_version + 1)
+        )
+
+
+def _job_inputs(factory: sessionmaker[Session], job: ClaimedJob
+                ) -> tuple[list[Any], str | None, dict[str, tuple[int, ...]]]:
+    """The instances of the series the job reads (recorded as the job's inputs), the AE title
+    that sent its series, and for a study job the series id of each role."""
     with transaction(factory) as session:
+        series_ids = _job_series_ids(session, job.id, job.series_id)
         inputs = list(session.execute(
-            select(Instance.id, Instance.path).where(Instance.series_id == job.series_id)
-            .order_by(Instance.instance_number, Instance.id)
+            select(Instance.id, Instance.path, Instance.series_id)
+            .where(Instance.series_id.in_(series_ids))
+            .order_by(Instance.series_id, Instance.instance_number, Instance.id)
         ).all())
         have = set(session.execute(
             select(JobInput.instance_id).where(JobInput.job_id == job.id)
@@ -108,7 +123,9 @@ def _job_inputs(factory: sessionmaker[Session], job: ClaimedJob) -> tuple[list[A
         calling_ae = session.execute(
             select(Series.calling_ae).where(Series.id == job.series_id)
         ).scalar_one()
-    return inputs, calling_ae
+        roles: dict[str, tuple[int, ...]] = {role: (sid,) for role, sid in session.execute(
+            select(JobSeries.role, JobSeries.series_id).where(JobSeries.job_id == job.id))}
+    return inputs, calling_ae, roles
 
 
 def _seg_type(settings: Settings, job: ClaimedJob) -> str:
@@ -142,7 +159,7 @@ def run_claimed_job(
     this process if the lease is lost or ``parent_pid``, the node, dies)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    inputs, calling_ae = _job_inputs(factory, job)
+    inputs, calling_ae, roles = _job_inputs(factory, job)
     seg_type = _seg_type(settings, job)
     progress = {"value": 0.0}
     stop = threading.Event()
@@ -167,6 +184,8 @@ def run_claimed_job(
     ctx = job_context(
         settings, spec, job_id=job.id, series_instance_uid=job.series_instance_uid,
         input_files=tuple(settings.spool_dir / i.path for i in inputs),
+        series_roles={role: tuple(settings.spool_dir / i.path for i in inputs
+                                  if i.series_id in ids) for role, ids in roles.items()},
         output_dir=output_dir, device=device, seg_type=seg_type, model=job.model_name,
         progress=lambda f: progress.__setitem__("value", float(f)),
     )
@@ -188,7 +207,7 @@ def run_claimed_job(
                 series_instance_uid=job.series_instance_uid,
                 detail={"job_id": job.id, "code": refusal.code, "reason": refusal.reason},
             )
-            _settle_series(session, job.series_id)
+            _settle_series(session, job.id, job.series_id)
         return status
     except Exception as exc:
         stop.set()
@@ -198,7 +217,7 @@ def run_claimed_job(
                                 error_code=type(exc).__name__, error_detail=str(exc)[:500],
                                 timings=timings, backoff_s=settings.executor.retry_backoff_s,
                                 backoff_max_s=settings.executor.retry_backoff_max_s)
-            _settle_series(session, job.series_id)
+            _settle_series(session, job.id, job.series_id)
         return status
     stop.set()
     timings["total_s"] = time.perf_counter() - t0
@@ -228,7 +247,7 @@ def _record_success(
                     "series": sorted({o.series_instance_uid for o in outputs}),
                     **({"model": used} if used else {})},
         )
-        _settle_series(session, job.series_id)
+        _settle_series(session, job.id, job.series_id)
     return status
 
 
