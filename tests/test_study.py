@@ -143,10 +143,13 @@ def _events(node, kind: str) -> list[EventLog]:
 
 
 @pytest.mark.slow
-def test_pet_first_then_ct_runs_one_job_and_a_resent_ct_none(make_node, twin: dict[str, Path]
-                                                               ) -> None:
-    node = make_node(rules=[study_rule()], completion={"quiet_period_s": 1},
-                     executor={"workers": 1, "device": "cpu"})
+def test_pet_first_then_ct_runs_one_job_and_a_resent_ct_none(make_node, orthanc_factory,
+                                                               twin: dict[str, Path]) -> None:
+    pacs = orthanc_factory().start()
+    node = make_node(rules=[study_rule(destinations=["pacs"])],
+                     destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1",
+                                            "port": pacs.dicom_port}},
+                     completion={"quiet_period_s": 1}, executor={"workers": 1, "device": "cpu"})
     assert storescu(twin["PET"], node.port).returncode == 0
     wait_for(lambda: (d := _decision(node)) is not None and list(d.roles) == ["PET"])
     assert _jobs(node) == []  # the PET alone starts nothing
@@ -159,6 +162,11 @@ def test_pet_first_then_ct_runs_one_job_and_a_resent_ct_none(make_node, twin: di
     assert roles == {"CT", "PET"} and kinds == ["SEG", "SR"]
     (paired,) = _events(node, "study.paired")
     assert set(paired.detail["roles"]) == {"CT", "PET"} and paired.detail["jobs"] == [job.id]
+    # both results reach the PACS, in the study they came from
+    study = str(pydicom.dcmread(next(twin["PET"].glob("*.dcm"))).StudyInstanceUID)
+    held = wait_for(lambda: {s["modality"] for s in pacs.series_in_study(study)} >= {"SEG", "SR"}
+                    and pacs.series_in_study(study), timeout=60)
+    assert sorted(s["modality"] for s in held if s["modality"] in ("SEG", "SR")) == ["SEG", "SR"]
     # the CT again, as a new series (a re-send from another workstation): no second job
     again = node.workdir / "ct-again"
     shutil.copytree(twin["CT"], again)
