@@ -30,7 +30,8 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_compose_stack_is_consistent_with_its_config() -> None:
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "rabbitmq", "orthanc", "node", "worker"}
+    assert set(services) == {"postgres", "rabbitmq", "orthanc", "node", "worker", "prometheus",
+                             "grafana"}
     for name, service in services.items():
         for dep in service.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown {dep}"
@@ -64,3 +65,37 @@ def test_compose_stack_is_consistent_with_its_config() -> None:
     # both share the storage that holds the spool and the outputs
     assert settings.var_dir.is_relative_to("/var/lib/dicomnode")
     assert "storage:/var/lib/dicomnode" in services["worker"]["volumes"]
+    # Prometheus scrapes the node's operations endpoint on the compose network
+    scrape = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    (target,) = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert target == f"node:{settings.http.port}" and settings.http.host == "0.0.0.0"
+
+
+def test_the_dashboard_and_the_alerts_use_only_metrics_the_node_exports(tmp_path) -> None:
+    """Every metric a Grafana panel or an alert rule queries is one the node's /metrics
+    serves (read from a fresh database: every family is there, with or without samples)."""
+    import json
+    import re
+
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from dicomnode.app import open_database
+    from dicomnode.node.metrics import NodeCollector
+
+    settings = parse_settings({"var_dir": str(tmp_path / "var")})
+    _engine, factory = open_database(settings)
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(factory, settings.var_dir))
+    served = set(re.findall(r"^# TYPE (\S+) ", generate_latest(registry).decode(), re.M))
+    names = set()
+    for family in served:  # what PromQL may name: counters' _total, histograms' series
+        names |= {family, f"{family}_total", f"{family}_bucket", f"{family}_sum",
+                  f"{family}_count"}
+    dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "dicomnode.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    alerts = yaml.safe_load((DOCKER / "alerts.yml").read_text())
+    exprs += [r["expr"] for g in alerts["groups"] for r in g["rules"]]
+    used = {m for e in exprs for m in re.findall(r"dicomnode_[a-z_]+", e)}
+    assert used and used <= names, sorted(used - names)
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
