@@ -233,3 +233,36 @@ def test_series_on_different_frames_of_reference_are_refused(make_node, tmp_path
     assert "Frames of Reference differ" in decision.reason and frame in decision.reason
     assert _jobs(node) == []
     assert node.stop() == 0
+
+
+def test_training_writes_a_model_the_registry_loads_and_the_pipeline_runs(
+        twin: dict[str, Path], tmp_path: Path) -> None:
+    """`train_petct` (a few iterations on one twin-like case) writes manifest, weights and
+    training.json; the registry verifies the sha256 and loads the network; the pipeline runs
+    it through sliding windows and names the model and its weights in SEG and SR."""
+    from dicomnode.dicom.grid import resample_onto
+    from dicomnode.pipelines.models import load_network, scan_models
+    from dicomnode.research.train_petct import train_petct
+
+    ct = load_series(sorted(twin["CT"].glob("*.dcm")), modality="CT")
+    pet = load_series(sorted(twin["PET"].glob("*.dcm")), modality="PT")
+    assert pet.suv is not None
+    suv = pet.array * pet.suv.factor
+    case = (resample_onto(ct.array.astype(np.float32), ct.affine, pet.affine, pet.shape,
+                          cval=-1024.0), suv.astype(np.float32), suv > 4)
+    models = tmp_path / "models"
+    stats = train_petct(output=models / "tiny-petct", cases=[case], iterations=3,
+                        trained_on="SIMULATED data only: a test", channels=(4, 4, 8, 8, 8))
+    assert stats["iterations"] == 3 and not stats["cut_by_time_limit"]
+    found, problems = scan_models(models)
+    assert problems == [] and found["tiny-petct"].manifest.task == "petct-lesions"
+    load_network(found["tiny-petct"], device="cpu")
+    spec = get_pipeline("petct-lesions")
+    settings = parse_settings({"models_dir": str(models)})
+    ctx = job_context(settings, spec, job_id=1, series_instance_uid="x", input_files=(),
+                      output_dir=tmp_path / "out", device="cpu", model="tiny-petct",
+                      series_roles={r: tuple(sorted(f.glob("*.dcm"))) for r, f in twin.items()})
+    outputs = {o.kind: o for o in spec.load()(ctx)}
+    assert "SR" in outputs and ctx.model_used["name"] == "tiny-petct"
+    sr = pydicom.dcmread(outputs["SR"].path)
+    assert any(found["tiny-petct"].weights_sha256 in str(v) for v in sr.SoftwareVersions)

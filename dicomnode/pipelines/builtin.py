@@ -89,3 +89,16 @@ register(
         roles=("CT", "PET"),
     )
 )
+
+register(
+    PipelineSpec(
+        name="petct-lesions",
+        version="1.0.0",
+        entry_point="dicomnode.pipelines.petct_lesions:run_network",
+        modalities=("CT", "PT"),
+        description="FDG PET/CT lesions by a middle-fusion U-Net -> SEG + TID 1500 SR",
+        series_number=7,
+        requires=("torch", "monai"),
+        roles=("CT", "PET"),
+    )
+)

@@ -69,7 +69,7 @@ class Manifest(_M):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     version: str
-    task: Literal["segmentation", "pet-denoise", "ct2pet", "sr"] = "segmentation"
+    task: Literal["segmentation", "pet-denoise", "ct2pet", "sr", "petct-lesions"] = "segmentation"
     network: dict[str, Any] = Field(default_factory=dict, description="For state-dict "
                                     "weights: {class: 'module:Class', params: {...}}")
     modality: str = "CT"

@@ -1,11 +1,13 @@
-"""FDG PET/CT lesion delineation by threshold: the baselines a network must beat, and what
-many sites use today. Weight-free; a study job (roles CT and PET, see ``node/study.py``).
+"""FDG PET/CT lesion delineation: a middle-fusion U-Net, and the threshold baselines it must
+beat (what many sites use today). Study jobs (roles CT and PET, see ``node/study.py``).
 
+* ``petct-lesions``: the network of nets/fusion_unet.py (a model from models/), sliding
+  windows with 0.5 overlap on the PET grid;
 * ``petct-suv25``: every voxel at SUVbw >= 2.5;
 * ``petct-suv41``: regions seeded at SUVbw >= 2.5, each grown to 41 % of its own SUVmax (the
   EANM fixed-relative threshold), connected to its maximum.
 
-Both keep only voxels inside the body (the CT resampled onto the PET grid, above -500 HU,
+All keep only voxels inside the body (the CT resampled onto the PET grid, above -500 HU,
 holes filled) and lesions of at least ``MIN_LESION_ML``. They write, on the PET grid and its
 Frame of Reference, a SEG with one segment per lesion (SNOMED CT "Neoplasm"), and a TID 1500
 measurement report: per lesion volume, SUVmax, SUVmean, SUVpeak (the highest mean in a 1 cm3
@@ -13,14 +15,14 @@ sphere centred in the lesion), and the study's metabolic tumour volume and total
 glycolysis. Physiological uptake (brain, heart, bladder, kidneys) is not excluded: that is
 the known weakness of threshold methods, and why they are baselines.
 
-Not here yet: the PERCIST liver-reference threshold (it needs a liver from the CT) and the
-trained middle-fusion network of the issue (``petct-lesions``).
+Not here yet: the PERCIST liver-reference threshold (it needs a liver from the CT).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,8 +35,8 @@ from dicomnode.dicom.write.seg import SegmentSpec, build_seg, sct
 from dicomnode.dicom.write.sr import LesionMeasures, build_lesion_report
 from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal
 
-__all__ = ["MIN_LESION_ML", "body_on_pet", "delineate", "lesion_measures", "run_suv25",
-           "run_suv41"]
+__all__ = ["MIN_LESION_ML", "body_on_pet", "delineate", "lesion_measures", "petct_inputs",
+           "run_network", "run_suv25", "run_suv41"]
 
 SEED_SUV = 2.5
 RELATIVE = 0.41
@@ -124,7 +126,18 @@ def _numbered(mask: np.ndarray, suv: np.ndarray, spacing: tuple[float, float, fl
     return out, len(keep)
 
 
-def _run(ctx: JobContext, method: str, text: str) -> list[OutputFile]:
+Delineator = Callable[[JobContext, SeriesVolume, SeriesVolume, np.ndarray, np.ndarray],
+                      tuple[np.ndarray, OutputIdentity | None]]
+
+
+def _thresholds(method: str) -> Delineator:
+    def delineator(ctx: JobContext, ct: SeriesVolume, pet: SeriesVolume, suv: np.ndarray,
+                   body: np.ndarray) -> tuple[np.ndarray, OutputIdentity | None]:
+        return delineate(suv, body, method), None
+    return delineator
+
+
+def _run(ctx: JobContext, text: str, delineator: Delineator) -> list[OutputFile]:
     t0 = time.perf_counter()
     if set(ctx.series_roles) != {"CT", "PET"}:
         raise PipelineRefusal("unsupported", "a PET/CT study job with the roles CT and PET")
@@ -137,13 +150,17 @@ def _run(ctx: JobContext, method: str, text: str) -> list[OutputFile]:
     ctx.progress(0.3)
     t1 = time.perf_counter()
     body = body_on_pet(ct, pet)
-    numbered, found = _numbered(delineate(suv, body, method), suv, pet.spacing)
+    mask, model = delineator(ctx, ct, pet, suv, body)
+    numbered, found = _numbered(mask & body, suv, pet.spacing)
     measures = lesion_measures(suv, numbered, pet.spacing)
     ctx.progress(0.7)
     t2 = time.perf_counter()
     base: dict[str, Any] = dict(source_series_uid=pet.series_instance_uid, pipeline=ctx.pipeline,
                                 pipeline_version=ctx.pipeline_version,
                                 series_number=ctx.series_number)
+    if model is not None:  # the model's name, version, weights and training data, on both
+        base.update(model_name=model.model_name, model_version=model.model_version,
+                    trained_on=model.trained_on, weights_sha256=model.weights_sha256)
     outputs = []
     seg = None
     if measures:
@@ -174,9 +191,48 @@ def _run(ctx: JobContext, method: str, text: str) -> list[OutputFile]:
 
 def run_suv25(ctx: JobContext) -> list[OutputFile]:
     """Lesions at SUVbw >= 2.5."""
-    return _run(ctx, "suv25", "SUVbw >= 2.5")
+    return _run(ctx, "SUVbw >= 2.5", _thresholds("suv25"))
 
 
 def run_suv41(ctx: JobContext) -> list[OutputFile]:
     """Lesions at 41 % of each region's SUVmax, seeded at SUVbw >= 2.5."""
-    return _run(ctx, "suv41", "41 % of SUVmax")
+    return _run(ctx, "41 % of SUVmax", _thresholds("suv41"))
+
+
+DEFAULT_MODEL = "petct-lesions-fusion"
+
+
+def petct_inputs(hu_on_pet: np.ndarray, suv: np.ndarray, suv_scale: float = 20.0) -> np.ndarray:
+    """The network's input, (2, z, y, x) float32: CT [0, 1] from [-1000, 1000] HU, SUV /
+    ``suv_scale`` (training draws 20 or 40; inference uses 20)."""
+    ct = (np.clip(hu_on_pet, -1000.0, 1000.0) + 1000.0) / 2000.0
+    return np.stack([ct, suv / suv_scale]).astype(np.float32)
+
+
+def _network(ctx: JobContext, ct: SeriesVolume, pet: SeriesVolume, suv: np.ndarray,
+             body: np.ndarray) -> tuple[np.ndarray, OutputIdentity | None]:
+    """The middle-fusion U-Net (nets/fusion_unet.py), sliding windows with 0.5 overlap on the
+    PET grid; a voxel is lesion where the sigmoid is at least 0.5."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from dicomnode.pipelines.base import job_model, model_identity
+
+    model = job_model(ctx, default=DEFAULT_MODEL)
+    manifest = model.entry.manifest
+    hu = resample_onto(ct.array.astype(np.float32), ct.affine, pet.affine, pet.shape,
+                       cval=-1024.0)
+    x = torch.from_numpy(petct_inputs(hu, suv)[None]).to(model.device)
+    with torch.no_grad():
+        logits = sliding_window_inference(x, roi_size=tuple(manifest.roi_size), sw_batch_size=2,
+                                          predictor=model.network, overlap=manifest.overlap,
+                                          mode="gaussian", padding_mode="replicate")
+    assert isinstance(logits, torch.Tensor)
+    mask = (torch.sigmoid(logits)[0, 0] >= 0.5).cpu().numpy()
+    return mask, model_identity(ctx, pet, manifest, kind="SEG", description="")
+
+
+def run_network(ctx: JobContext) -> list[OutputFile]:
+    """Lesions by the middle-fusion U-Net (a model from models/, default
+    ``petct-lesions-fusion``)."""
+    return _run(ctx, "middle-fusion U-Net", _network)
