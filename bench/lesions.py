@@ -1,4 +1,5 @@
-"""bench/lesions: FDG lesion delineation on held-out PET/CT twin cases, with the autoPET metrics.
+"""bench/lesions: FDG lesion delineation on held-out PET/CT twin cases, with the autoPET metrics:
+the middle-fusion U-Net (``petct-lesions``, the shipped model) against the threshold baselines.
 
 Each case is the chest phantom with simulated full-dose FDG PET and spherical lesions of
 random size (radius 5-12 mm) and contrast (3-8 x background) on a 4 mm and a 2 mm PET grid;
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "lesions"
 RESULTS = ROOT / "bench" / "results" / "lesions.json"
 SEEDS = tuple(range(2000, 2010))
-METHODS = ("petct-suv25", "petct-suv41")
+METHODS = ("petct-lesions", "petct-suv25", "petct-suv41")
 CONNECT = np.ones((3, 3, 3), bool)
 
 

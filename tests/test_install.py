@@ -77,7 +77,8 @@ def test_config_check_of_the_packaged_default(installed: Path, tmp_path: Path) -
 def test_models_list_finds_the_shipped_models(installed: Path, tmp_path: Path) -> None:
     r = _run([str(installed / "bin" / "dicomnode"), "models", "list"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for name in ("ct2pet-district", "pet-denoise-drmc", "pet-denoise-drmc-2mm"):
+    for name in ("ct2pet-district", "pet-denoise-drmc", "pet-denoise-drmc-2mm",
+                 "petct-lesions-fusion"):
         assert name in r.stdout and "sha256 ok" in r.stdout
     assert "_shipped/models" in r.stdout
     other = tmp_path / "site-models"

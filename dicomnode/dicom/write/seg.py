@@ -145,7 +145,7 @@ def build_seg(
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME,
         # highdicom's hint reads tuple[str] where it takes a tuple of any length
-        software_versions=identity.software_versions,  # type: ignore[arg-type]
+        software_versions=list(identity.software_versions),  # type: ignore[arg-type]
         device_serial_number="0",
         content_description=AI_NOTICE[:64],
         content_label="AI_SEG",
