@@ -232,10 +232,6 @@ class Rule(_Model):
             raise ValueError("requires names at least two roles (one series is a plain rule)")
         return self
 
-    @property
-    def is_study_rule(self) -> bool:
-        return bool(self.requires)
-
 
 class Destination(_Model):
     """A DICOM peer results are pushed to."""

@@ -14,7 +14,7 @@ What it found, now refused with tests of their own: an image whose BitsStored, H
 PixelRepresentation is missing (pixels that cannot be read unambiguously), a Study / Series
 UID of non-ASCII bytes; and a CT slice without RescaleIntercept is stored but refused by the
 pipelines (tests/test_write.py). What it keeps storing on purpose: elements out of tag order
-(PS3.5 7.1 wants ascending order, pydicom and DCMTK read them), private elements of any size,
+(PS3.5 7.1 wants ascending order; pydicom reads them), private elements of any size,
 an empty or missing Type 1 value outside the pixel description (the pipelines' geometry checks
 refuse those series with the reason), flips inside text or pixel values.
 """

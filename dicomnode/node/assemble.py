@@ -28,7 +28,6 @@ from dicomnode.audit.db import transaction
 from dicomnode.audit.events import AuditEventID, Outcome, record_event
 from dicomnode.audit.models import Association, Instance, Series, SeriesState, utcnow
 from dicomnode.dicom.volume import ORIENTATION_TOL, spacing_problem
-from dicomnode.node.jobs import enqueue_job
 from dicomnode.node.route import RuleEvaluation, evaluate_rules, header_values
 from dicomnode.node.study import bound_enqueue, note_series, study_sweep
 from dicomnode.pipelines import get_pipeline
@@ -263,16 +262,10 @@ class Assembler:
             for evaluation in per_series:
                 rule = rules[evaluation.rule]
                 for pipeline in rule.pipelines:
-                    spec = get_pipeline(pipeline)
-                    model = rule.models.get(pipeline)
-                    enqueue_job(
+                    self._enqueue(
                         session, series=series, rule_name=rule.name, pipeline=pipeline,
-                        pipeline_version=spec.version, input_sha256=input_sha,
-                        destinations=list(rule.destinations),
-                        max_attempts=self.settings.executor.max_attempts,
-                        model_name=model,
-                        model_version=self.model_versions.get(model) if model else None,
-                        config_sha256=self.config_sha256,
-                    )
+                        pipeline_version=get_pipeline(pipeline).version,
+                        input_sha256=input_sha, destinations=list(rule.destinations),
+                        model_name=rule.models.get(pipeline))
         self._rules_cache.pop(series.id, None)
         return True

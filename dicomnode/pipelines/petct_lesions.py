@@ -35,7 +35,7 @@ from dicomnode.dicom.write.seg import SegmentSpec, build_seg, sct
 from dicomnode.dicom.write.sr import LesionMeasures, build_lesion_report
 from dicomnode.pipelines.base import JobContext, OutputFile, PipelineRefusal
 
-__all__ = ["MIN_LESION_ML", "body_on_pet", "delineate", "lesion_measures", "petct_inputs",
+__all__ = ["MIN_LESION_ML", "body_on_pet", "ct_on_pet", "delineate", "lesion_measures", "petct_inputs",
            "run_network", "run_suv25", "run_suv41"]
 
 SEED_SUV = 2.5
@@ -48,12 +48,17 @@ ABNORMAL = sct("49755003", "Morphologically Abnormal Structure")
 CONNECT = np.ones((3, 3, 3), bool)  # 26-connected
 
 
-def body_on_pet(ct: SeriesVolume, pet: SeriesVolume) -> np.ndarray:
+def ct_on_pet(ct: SeriesVolume, pet: SeriesVolume) -> np.ndarray:
+    """The CT's HU sampled at the PET's voxel centres (-1024 outside the CT), once per job:
+    the body mask and the network both read it."""
+    return resample_onto(ct.array.astype(np.float32), ct.affine, pet.affine, pet.shape,
+                         cval=-1024.0)
+
+
+def body_on_pet(hu_on_pet: np.ndarray) -> np.ndarray:
     """The body on the PET grid: CT above -500 HU, holes filled slice by slice, the largest
     connected part."""
-    hu = resample_onto(ct.array.astype(np.float32), ct.affine, pet.affine, pet.shape,
-                       cval=-1024.0)
-    body = hu > -500
+    body = hu_on_pet > -500
     for k in range(body.shape[0]):
         body[k] = ndi.binary_fill_holes(body[k])
     labels, n = ndi.label(body)
@@ -126,12 +131,13 @@ def _numbered(mask: np.ndarray, suv: np.ndarray, spacing: tuple[float, float, fl
     return out, len(keep)
 
 
-Delineator = Callable[[JobContext, SeriesVolume, SeriesVolume, np.ndarray, np.ndarray],
+# (job, CT HU on the PET grid, PET, SUV, body) -> (lesion mask, the model's identity or None)
+Delineator = Callable[[JobContext, np.ndarray, SeriesVolume, np.ndarray, np.ndarray],
                       tuple[np.ndarray, OutputIdentity | None]]
 
 
 def _thresholds(method: str) -> Delineator:
-    def delineator(ctx: JobContext, ct: SeriesVolume, pet: SeriesVolume, suv: np.ndarray,
+    def delineator(ctx: JobContext, hu: np.ndarray, pet: SeriesVolume, suv: np.ndarray,
                    body: np.ndarray) -> tuple[np.ndarray, OutputIdentity | None]:
         return delineate(suv, body, method), None
     return delineator
@@ -149,8 +155,9 @@ def _run(ctx: JobContext, text: str, delineator: Delineator) -> list[OutputFile]
     suv = pet.array * pet.suv.factor
     ctx.progress(0.3)
     t1 = time.perf_counter()
-    body = body_on_pet(ct, pet)
-    mask, model = delineator(ctx, ct, pet, suv, body)
+    hu = ct_on_pet(ct, pet)
+    body = body_on_pet(hu)
+    mask, model = delineator(ctx, hu, pet, suv, body)
     numbered, found = _numbered(mask & body, suv, pet.spacing)
     measures = lesion_measures(suv, numbered, pet.spacing)
     ctx.progress(0.7)
@@ -209,7 +216,7 @@ def petct_inputs(hu_on_pet: np.ndarray, suv: np.ndarray, suv_scale: float = 20.0
     return np.stack([ct, suv / suv_scale]).astype(np.float32)
 
 
-def _network(ctx: JobContext, ct: SeriesVolume, pet: SeriesVolume, suv: np.ndarray,
+def _network(ctx: JobContext, hu: np.ndarray, pet: SeriesVolume, suv: np.ndarray,
              body: np.ndarray) -> tuple[np.ndarray, OutputIdentity | None]:
     """The middle-fusion U-Net (nets/fusion_unet.py), sliding windows with 0.5 overlap on the
     PET grid; a voxel is lesion where the sigmoid is at least 0.5."""
@@ -220,8 +227,6 @@ def _network(ctx: JobContext, ct: SeriesVolume, pet: SeriesVolume, suv: np.ndarr
 
     model = job_model(ctx, default=DEFAULT_MODEL)
     manifest = model.entry.manifest
-    hu = resample_onto(ct.array.astype(np.float32), ct.affine, pet.affine, pet.shape,
-                       cval=-1024.0)
     x = torch.from_numpy(petct_inputs(hu, suv)[None]).to(model.device)
     with torch.no_grad():
         logits = sliding_window_inference(x, roi_size=tuple(manifest.roi_size), sw_batch_size=2,
