@@ -18,9 +18,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ORTHANC_BINARY", "Orthanc"]
+__all__ = ["DICOMWEB_PLUGIN", "ORTHANC_BINARY", "Orthanc"]
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 class Orthanc:
     """One Orthanc process with its own storage under ``workdir``.
@@ -42,12 +43,16 @@ class Orthanc:
         Orthanc 1.10 answers 0x0000 for instances it filters out and drops them silently.)
     transfer_syntaxes
         Orthanc's ``AcceptedTransferSyntaxes`` (wildcards allowed).
+    dicomweb
+        Load the DICOMweb plugin (Debian ``orthanc-dicomweb``) at ``/dicom-web/``, for a web
+        viewer (``dicomnode.demo.viewer``).
     """
 
     def __init__(self, workdir: Path, *, dicom_port: int = 4242, http_port: int = 8042,
                  aet: str = "ORTHANC", peers: tuple[str, ...] = ("DICOMNODE",),
                  accept_unknown_sop_classes: bool = False,
-                 transfer_syntaxes: tuple[str, ...] = ("1.2.840.10008.1.*",)) -> None:
+                 transfer_syntaxes: tuple[str, ...] = ("1.2.840.10008.1.*",),
+                 dicomweb: bool = False) -> None:
         self.workdir = Path(workdir)
         self.dicom_port = dicom_port
         self.http_port = http_port
@@ -55,6 +60,7 @@ class Orthanc:
         self.peers = peers
         self.accept_unknown_sop_classes = accept_unknown_sop_classes
         self.transfer_syntaxes = transfer_syntaxes
+        self.dicomweb = dicomweb
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _config(self) -> dict[str, Any]:
@@ -78,6 +84,14 @@ class Orthanc:
             "UnknownSopClassAccepted": self.accept_unknown_sop_classes,
             "AcceptedTransferSyntaxes": list(self.transfer_syntaxes),
         }
+        if self.dicomweb:
+            if not Path(DICOMWEB_PLUGIN).exists():
+                raise FileNotFoundError(f"{DICOMWEB_PLUGIN} missing: apt-get install "
+                                        "orthanc-dicomweb")
+            cfg["Plugins"] = [DICOMWEB_PLUGIN]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                               "WadoRoot": "/wado", "Ssl": False, "StudiesMetadata": "Full",
+                               "SeriesMetadata": "Full"}
         return cfg
 
     def start(self, *, timeout: float = 60.0) -> Orthanc:
