@@ -192,25 +192,42 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
               help="Widths of the five stages (the paper: 32,32,64,128,256).")
 @click.option("--seed", default=3000, show_default=True)
 @click.option("--version", default="1.0.0", show_default=True)
+@click.option("--study", "studies", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A site's own labelled study instead of the twin (repeatable): a folder "
+                   "with its CT series, its PET series and a SEG of the lesions.")
 def train_petct_cmd(output_dir: Path, cases: int, iterations: int, max_seconds: float | None,
-                    channels: str, seed: int, version: str) -> None:
-    """Train the petct-lesions middle-fusion U-Net on the PET/CT twin's lesions."""
+                    channels: str, seed: int, version: str, studies: tuple[Path, ...]) -> None:
+    """Train the petct-lesions middle-fusion U-Net on the PET/CT twin's lesions or on a
+    site's own labelled PET/CT studies."""
     import json
 
     from dicomnode.demo.sample import write_phantom_ct
-    from dicomnode.research.train_petct import simulated_cases, train_petct
+    from dicomnode.research.train_petct import labelled_study, simulated_cases, train_petct
 
     widths = tuple(int(c) for c in channels.split(","))
     if len(widths) != 5:
         raise click.BadParameter("five widths, one per stage", param_hint="--channels")
-    data = simulated_cases(cases, lambda d: write_phantom_ct(d, slices=60, size=256), seed=seed)
-    stats = train_petct(
-        output=output_dir, cases=data, iterations=iterations, channels=widths,
-        max_seconds=max_seconds, version=version,
-        trained_on=(f"SIMULATED data only: {cases} cases of dicomnode's PET/CT twin (chest "
-                    f"phantom, phantom seeds {seed}-{seed + cases - 1}, 6 spherical lesions "
-                    "each, radius 5-12 mm, contrast 3-8 x background, full-dose PET on a 4 mm "
-                    f"grid), {iterations} iterations of 4 patches of 32^3"))
+    if studies:
+        try:
+            data = [labelled_study(folder) for folder in studies]
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--study") from None
+        voxels = sum(int(mask.sum()) for _hu, _suv, mask in data)
+        if voxels == 0:
+            raise click.BadParameter("the SEGs hold no lesion voxel", param_hint="--study")
+        trained_on = (f"a site's own labelled PET/CT studies: {len(data)} studies, {voxels} "
+                      f"lesion voxels on the PET grids, {iterations} iterations of 4 patches "
+                      "of 32^3")
+    else:
+        data = simulated_cases(cases, lambda d: write_phantom_ct(d, slices=60, size=256),
+                               seed=seed)
+        trained_on = (f"SIMULATED data only: {cases} cases of dicomnode's PET/CT twin (chest "
+                      f"phantom, phantom seeds {seed}-{seed + cases - 1}, 6 spherical lesions "
+                      "each, radius 5-12 mm, contrast 3-8 x background, full-dose PET on a 4 "
+                      f"mm grid), {iterations} iterations of 4 patches of 32^3")
+    stats = train_petct(output=output_dir, cases=data, iterations=iterations, channels=widths,
+                        max_seconds=max_seconds, version=version, trained_on=trained_on)
     click.echo(json.dumps(stats, indent=2))
 
 

@@ -13,8 +13,10 @@ Recipe (METHODS.md, the seed paper), with the CPU budget of this project:
   of training.
 
 Training data: the PET/CT twin (``simulate``'s chest phantom with spherical lesions, phantom
-seeds from 3000, never used by the bench), or a site's own labelled studies later. The budget
-is in iterations, so the result does not depend on how busy the machine is.
+seeds from 3000, never used by the bench), or a site's own labelled studies
+(:func:`labelled_study`: one folder per study with its CT series, its PET series and a SEG of
+the lesions drawn on either). The budget is in iterations, so the result does not depend on how
+busy the machine is.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import numpy as np
 
 from dicomnode.pipelines.petct_lesions import petct_inputs
 
-__all__ = ["PATCH", "TRAIN_SEEDS_FROM", "simulated_cases", "train_petct"]
+__all__ = ["PATCH", "TRAIN_SEEDS_FROM", "labelled_study", "simulated_cases", "train_petct"]
+
+Case = tuple[np.ndarray, np.ndarray, np.ndarray]  # CT HU on the PET grid, SUV, lesion mask
 
 PATCH = 32
 TRAIN_SEEDS_FROM = 3000  # bench/lesions.py scores seeds 2000-2009
@@ -61,6 +65,81 @@ def simulated_cases(count: int, write_ct: Callable[[Path], list[Path]], *,
         out.append((hu, (pet.array * pet.suv.factor).astype(np.float32),
                     case.twin.lesions > 0))
     return out
+
+
+def _series_in(folder: Path) -> dict[tuple[str, str], list[Path]]:
+    """The DICOM files under ``folder``, by (Modality, SeriesInstanceUID); others skipped."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    found: dict[tuple[str, str], list[Path]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError):
+            continue
+        key = (str(ds.get("Modality", "")), str(ds.get("SeriesInstanceUID", "")))
+        found.setdefault(key, []).append(path)
+    return found
+
+
+def _seg_mask(path: Path, volume: Any) -> np.ndarray | None:
+    """The union of a SEG's segments on ``volume``'s grid, or None when the SEG references
+    none of its slices."""
+    import highdicom as hd
+
+    seg = hd.seg.segread(path)
+    refs = {i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
+            for i in s.ReferencedInstanceSequence}
+    uids = [str(ds.SOPInstanceUID) for ds in volume.datasets]
+    if not refs or not refs <= set(uids):
+        return None
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, ignore_spatial_locations=True,
+        assert_missing_frames_are_empty=True)
+    return np.asarray(pixels).reshape(len(uids), *volume.shape[1:], -1).any(axis=-1)
+
+
+def labelled_study(folder: Path) -> Case:
+    """One labelled PET/CT study read as the pipeline reads it: (CT HU on the PET grid, SUV,
+    lesion mask on the PET grid).
+
+    ``folder`` holds exactly one CT series, one PET series (with what SUVbw needs) and one or
+    more SEG objects whose segments are the lesions, drawn on the PET or on the CT (then
+    carried to the PET grid, nearest neighbour); every segment of every SEG counts as lesion.
+    CT and PET must share a Frame of Reference. Anything else is a ``ValueError`` naming the
+    folder and what is wrong.
+    """
+    from dicomnode.dicom.grid import resample_onto
+    from dicomnode.dicom.volume import load_series
+
+    series = _series_in(folder)
+    by_modality: dict[str, list[list[Path]]] = {}
+    for (modality, _uid), files in series.items():
+        by_modality.setdefault(modality, []).append(files)
+    counts = {m: len(by_modality.get(m, [])) for m in ("CT", "PT", "SEG")}
+    if counts["CT"] != 1 or counts["PT"] != 1 or counts["SEG"] < 1:
+        raise ValueError(f"{folder}: needs one CT series, one PET series and a SEG; found "
+                         f"{counts['CT']} CT, {counts['PT']} PET, {counts['SEG']} SEG series")
+    ct = load_series(by_modality["CT"][0], modality="CT")
+    pet = load_series(by_modality["PT"][0], modality="PT")
+    if pet.suv is None:
+        raise ValueError(f"{folder}: the PET cannot be converted to SUV ({pet.suv_problem})")
+    if ct.frame_of_reference_uid != pet.frame_of_reference_uid:
+        raise ValueError(f"{folder}: CT and PET have different Frames of Reference")
+    mask = np.zeros(pet.shape, bool)
+    for seg_path in (p for files in by_modality["SEG"] for p in files):
+        on_pet = _seg_mask(seg_path, pet)
+        if on_pet is None:
+            on_ct = _seg_mask(seg_path, ct)
+            if on_ct is None:
+                raise ValueError(f"{folder}: {seg_path.name} references neither series")
+            on_pet = resample_onto(on_ct.astype(np.float32), ct.affine, pet.affine,
+                                   pet.shape, order=0) > 0.5
+        mask |= on_pet
+    hu = resample_onto(ct.array.astype(np.float32), ct.affine, pet.affine, pet.shape,
+                       cval=-1024.0)
+    return hu, (pet.array * pet.suv.factor).astype(np.float32), mask
 
 
 def _batch(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], rng: np.random.Generator,
