@@ -97,7 +97,7 @@ def _seg_mask(path: Path, volume: Any) -> np.ndarray | None:
     pixels = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=uids, ignore_spatial_locations=True,
         assert_missing_frames_are_empty=True)
-    return np.asarray(pixels).reshape(len(uids), *volume.shape[1:], -1).any(axis=-1)
+    return np.asarray(np.asarray(pixels).reshape(len(uids), *volume.shape[1:], -1).any(axis=-1))
 
 
 def labelled_study(folder: Path) -> Case:
