@@ -56,7 +56,7 @@ register(
 register(
     PipelineSpec(
         name="ct2pet",
-        version="1.0.0",
+        version="1.1.0",
         entry_point="dicomnode.pipelines.ct2pet:run",
         modalities=("CT",),
         description="District-specific 3-D Pix2Pix CT -> synthetic PET (SUV), labelled synthetic",
