@@ -343,9 +343,10 @@ class OutputSettings(_Model):
 class CtSrSettings(_Model):
     """SR4ZCT (``ct-sr``): network size and training budget per series."""
 
-    train_seconds: float = Field(default=60.0, gt=0, description="Training time per series "
-                                 "(CPU default; a GPU affords more).")
-    max_iterations: int = Field(default=3000, ge=1)
+    iterations: int = Field(default=1000, ge=1, description="Training iterations per series: "
+                            "the budget, the same on a busy or an idle machine.")
+    max_train_seconds: float = Field(default=1800.0, gt=0, description="Safety stop only: "
+                                     "when it cuts training short, the output says so.")
     width: int = Field(default=16, ge=4, le=256, description="Channels of the 2-D network.")
     depth: int = Field(default=6, ge=1, le=100, description="Dilated 3x3 layers (the paper "
                        "uses a 100-layer MS-D network).")

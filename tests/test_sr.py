@@ -83,7 +83,7 @@ def test_sr4zct_beats_linear_on_real_ct(lidc_crop: np.ndarray) -> None:
     linear = apply_axis(_interp_matrix(_centres(gt.shape[0], r0, 0),
                                        _centres(thick.shape[0], r, o)), thick, 0)
     sr, stats = super_resolve(thick, r_xy=0.703125, r_z=r, o_z=o, r_target=r0,
-                              budget=SRBudget(train_seconds=150, max_iterations=600))
+                              budget=SRBudget(iterations=600))
     n = min(len(sr), len(gt))
     assert stats["loss_last"] < stats["loss_first"]
     p_lin, p_sr = psnr(linear[:n], gt[:n]), psnr(sr[:n], gt[:n])
@@ -120,7 +120,7 @@ def test_ct_sr_runs_from_a_rule_in_the_node(make_node, tmp_path: Path) -> None:
     node = make_node(rules=[{"name": "thick-ct", "match": {"SliceThickness": {"min": 3}},
                              "pipelines": ["ct-sr"]}],
                      executor={"workers": 1, "poll_interval_s": 0.2},
-                     ct_sr={"train_seconds": 5, "max_iterations": 100,
+                     ct_sr={"iterations": 100,
                             "target_thickness_mm": 1.25})
     assert storescu(src, node.port).returncode == 0
 
@@ -143,7 +143,7 @@ def test_ct_sr_runs_from_a_rule_in_the_node(make_node, tmp_path: Path) -> None:
 def test_ct_sr_pipeline_writes_thin_series(tmp_path: Path) -> None:
     src = make_thick_series(tmp_path / "thick")
     thick = load_series(sorted(src.iterdir())).array
-    settings = parse_settings({"ct_sr": {"train_seconds": 8, "max_iterations": 200,
+    settings = parse_settings({"ct_sr": {"iterations": 200,
                                          "target_thickness_mm": 1.25}})
     (paths,) = run_folder(settings, pipeline="ct-sr", input_dir=src,
                           output_dir=tmp_path / "out").values()
@@ -176,7 +176,7 @@ def test_ct_sr_pipeline_on_a_small_thick_series(tmp_path: Path) -> None:
     src = tmp_path / "thick"
     write_ct_series(src, phantom_hu(12, 64), (5.0, 2.0, 2.0), origin=(-64.0, -64.0, 0.0),
                     description="thick", body_part="CHEST")
-    settings = parse_settings({"ct_sr": {"train_seconds": 2, "max_iterations": 20,
+    settings = parse_settings({"ct_sr": {"iterations": 20,
                                          "target_thickness_mm": 2.5}})
     (paths,) = run_folder(settings, pipeline="ct-sr", input_dir=src,
                           output_dir=tmp_path / "out").values()
@@ -192,6 +192,28 @@ def test_ct_sr_pipeline_on_a_small_thick_series(tmp_path: Path) -> None:
     assert ds.DerivationDescription.startswith("CT super-resolved from 5 mm to 2.5 mm slices by "
                                                "dicomnode ct-sr")
     assert "simulated" not in ds.DerivationDescription  # trained on the series itself
+    assert "trained on this series for 20 iterations." in ds.ImageComments
+    assert "time limit" not in ds.ImageComments
     assert vr_violations(ds) == []
     errors, _ = dciodvfy(paths[0])
     assert errors == []
+
+
+def test_a_time_limit_that_cuts_training_is_said_in_the_output(tmp_path: Path) -> None:
+    """The budget is iterations; the time limit is a safety stop, and a result it weakened
+    says so in every image (ImageComments), not only in a log."""
+    from dicomnode.demo.sample import phantom_hu, write_ct_series
+    from dicomnode.pipelines.offline import run_folder
+    from dicomnode.settings import parse_settings
+
+    src = tmp_path / "thick"
+    write_ct_series(src, phantom_hu(12, 64), (5.0, 2.0, 2.0), origin=(-64.0, -64.0, 0.0),
+                    description="thick", body_part="CHEST")
+    settings = parse_settings({"ct_sr": {"iterations": 100000, "max_train_seconds": 1,
+                                         "target_thickness_mm": 2.5}})
+    (paths,) = run_folder(settings, pipeline="ct-sr", input_dir=src,
+                          output_dir=tmp_path / "out").values()
+    assert not isinstance(paths, Exception), paths
+    comments = pydicom.dcmread(paths[0]).ImageComments
+    assert "stopped by the time limit (ct_sr.max_train_seconds) after" in comments
+    assert "of 100000 iterations" in comments

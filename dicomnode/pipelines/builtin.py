@@ -20,7 +20,7 @@ register(
 register(
     PipelineSpec(
         name="ct-sr",
-        version="1.0.0",
+        version="1.1.0",
         entry_point="dicomnode.pipelines.ct_sr:run",
         modalities=("CT",),
         description="SR4ZCT through-plane super-resolution, self-supervised per series",

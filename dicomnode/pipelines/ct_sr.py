@@ -66,12 +66,17 @@ def run(ctx: JobContext) -> list[OutputFile]:
     )
     description = identity.label(f"CT super-resolved from {r_z:.3g} mm to {r_t:.3g} mm slices")
     details = (f"SR4ZCT: source slice overlap {o_z:.3g} mm; network trained on this series for "
-               f"{stats['iterations']} iterations.")
+               f"{stats['iterations']:.0f} iterations.")
+    if stats["cut_by_time_limit"]:
+        details += (f" Training was stopped by the time limit (ct_sr.max_train_seconds) after "
+                    f"{stats['iterations']:.0f} of {stats['iterations_planned']:.0f} "
+                    "iterations: this result is weaker than the configured one.")
     datasets = build_derived_ct(values=values, affine=output_affine(volume, r_z, r_t),
                                 source=volume, identity=identity, description=description,
                                 slice_thickness=r_t, details=details)
     outputs = save_outputs(datasets, ctx.output_dir, kind="CT", prefix="ct")
     ctx.timings.update(read_s=t1 - t0, infer_s=t2 - t1, write_s=time.perf_counter() - t2,
-                       train_s=stats["train_s"], iterations=float(stats["iterations"]))
+                       train_s=stats["train_s"], iterations=float(stats["iterations"]),
+                       train_cut_by_time_limit=stats["cut_by_time_limit"])
     ctx.progress(1.0)
     return outputs

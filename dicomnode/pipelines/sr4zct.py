@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ import numpy as np
 __all__ = [
     "SRBudget",
     "apply_axis",
+    "cpu_has_bf16",
     "degrade_matrix",
     "n_samples",
     "super_resolve",
@@ -112,16 +114,31 @@ def training_pairs(axial: np.ndarray, *, r_xy: float, r_z: float, o_z: float
 
 @dataclass(frozen=True, kw_only=True)
 class SRBudget:
-    """Network size and training budget (CPU default: about a minute on 2 cores)."""
+    """Network size and training budget.
+
+    The budget is ``iterations``, so a series gets the same network on a busy machine as on
+    an idle one; ``max_train_seconds`` is only a safety stop, and when it cuts training short
+    the statistics (and the output's description) say so.
+    """
 
     width: int = 16
     depth: int = 6
     patch: int = 64
     batch: int = 16
-    train_seconds: float = 60.0
-    max_iterations: int = 3000
+    iterations: int = 1000
+    max_train_seconds: float = 1800.0
     lr: float = 1e-3
     seed: int = 0
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where autocast to
+    bfloat16 makes the convolutions about 4 x faster; elsewhere it would be slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _network(budget: SRBudget) -> Any:
@@ -142,7 +159,9 @@ def _network(budget: SRBudget) -> Any:
             self.body = nn.Sequential(*layers)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + self.body(x)
+            # the residual may come in bfloat16 (autocast); the sum stays float32, so the
+            # output keeps the input's precision (bfloat16 alone: about 16 HU steps)
+            return x + self.body(x).float()
 
     torch.manual_seed(budget.seed)
     return DilatedResNet()
@@ -161,7 +180,7 @@ def train(inputs: np.ndarray, targets: np.ndarray, *, budget: SRBudget, device: 
     t0 = time.perf_counter()
     losses = []
     it = 0
-    while it < budget.max_iterations and time.perf_counter() - t0 < budget.train_seconds:
+    while it < budget.iterations and time.perf_counter() - t0 < budget.max_train_seconds:
         idx = rng.integers(0, n, budget.batch)
         ys = rng.integers(0, h - p + 1, budget.batch)
         xs = rng.integers(0, w - p + 1, budget.batch)
@@ -176,24 +195,32 @@ def train(inputs: np.ndarray, targets: np.ndarray, *, budget: SRBudget, device: 
         losses.append(float(loss))
         it += 1
         if progress and it % 20 == 0:
-            progress(min(1.0, (time.perf_counter() - t0) / budget.train_seconds))
+            progress(it / budget.iterations)
     first = float(np.mean(losses[:20])) if losses else float("nan")
     last = float(np.mean(losses[-20:])) if losses else float("nan")
-    return net, {"iterations": it, "train_s": time.perf_counter() - t0, "loss_first": first,
-                 "loss_last": last}
+    return net, {"iterations": it, "iterations_planned": budget.iterations,
+                 "cut_by_time_limit": float(it < budget.iterations),
+                 "train_s": time.perf_counter() - t0, "loss_first": first, "loss_last": last}
 
 
-def apply(net: Any, images: np.ndarray, *, device: str = "cpu", batch: int = 8) -> np.ndarray:
-    """Run the net on (N, H, W) images in [0, 1]."""
+def apply(net: Any, images: np.ndarray, *, device: str = "cpu", batch: int = 16,
+          bf16: bool | None = None) -> np.ndarray:
+    """Run the net on (N, H, W) images in [0, 1]: channels-last, in batches, the convolutions
+    in bfloat16 where the device computes it natively (``bf16=None``: CUDA, or a CPU with
+    :func:`cpu_has_bf16`), the residual sum in float32."""
     import torch
 
     out = np.empty_like(images, dtype=np.float32)
     net.eval()
-    use_amp = device.startswith("cuda")
-    with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                                                enabled=use_amp):
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if bf16 is None:
+        bf16 = kind == "cuda" or cpu_has_bf16()
+    net = net.to(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device_type=kind, dtype=torch.bfloat16,
+                                                enabled=bf16):
         for s in range(0, len(images), batch):
             x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch, None])).to(device)
+            x = x.contiguous(memory_format=torch.channels_last)
             out[s:s + batch] = net(x).float()[:, 0].cpu().numpy()
     return out
 
@@ -201,6 +228,7 @@ def apply(net: Any, images: np.ndarray, *, device: str = "cpu", batch: int = 8) 
 def super_resolve(
     volume: np.ndarray, *, r_xy: float, r_z: float, o_z: float, r_target: float | None = None,
     budget: SRBudget | None = None, device: str = "cpu", progress: Any = None,
+    bf16: bool | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """SR4ZCT on a (Z, H, W) HU volume with slices of thickness r_z, spacing r_z - o_z.
 
@@ -222,10 +250,10 @@ def super_resolve(
     cor = np.moveaxis(fine, 1, 0)  # (H, Z_fine, W): coronal images, z vertical
     sag = np.moveaxis(fine, 2, 0)  # (W, Z_fine, H): sagittal images
     t1 = time.perf_counter()
-    cor_out = np.moveaxis(apply(net, cor, device=device), 0, 1)
+    cor_out = np.moveaxis(apply(net, cor, device=device, bf16=bf16), 0, 1)
     if progress:
         progress(0.8)
-    sag_out = np.moveaxis(apply(net, sag, device=device), 0, 2)
+    sag_out = np.moveaxis(apply(net, sag, device=device, bf16=bf16), 0, 2)
     fused = (cor_out + sag_out) / 2
     stats["apply_s"] = time.perf_counter() - t1
     if abs(r_target - r_xy) > 1e-6:
