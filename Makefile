@@ -19,6 +19,14 @@ sysdeps:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	fi
+	@# the docker test builds the image on a private dockerd: Debian's docker.io only where no
+	@# dockerd exists (it would replace Docker CE's packages), debootstrap for the base image
+	@if ! command -v dockerd >/dev/null || [ ! -x /usr/sbin/debootstrap ]; then \
+	  echo "installing debootstrap$$(command -v dockerd >/dev/null || echo ' docker.io') (apt-get)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends debootstrap $$(command -v dockerd >/dev/null || echo docker.io) \
+	    >/dev/null; \
+	fi
 
 ## The virtual environment: torch==2.13.0 (CPU build) first, so nothing pulls a CUDA torch.
 $(STAMP): pyproject.toml

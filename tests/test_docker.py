@@ -1,20 +1,26 @@
 """docker/: the image lints clean (hadolint) and the compose stack is consistent with itself
-and with the config it mounts. (No Docker daemon runs on the CI machine: the stack is checked
-statically here; docs/deployment.md says how to start it.)"""
+and with the config it mounts; then the image is built (on base images made from Debian
+packages: no registry is reachable here, tests/docker_local.py) and its node and worker
+containers process a series against this machine's PostgreSQL, RabbitMQ and an Orthanc."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
+import pydicom
 import pytest
 import yaml
 
 from dicomnode.settings import parse_settings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, require, storescu, wait_for
 
 DOCKER = ROOT / "docker"
 
@@ -99,3 +105,82 @@ def test_the_dashboard_and_the_alerts_use_only_metrics_the_node_exports(tmp_path
     used = {m for e in exprs for m in re.findall(r"dicomnode_[a-z_]+", e)}
     assert used and used <= names, sorted(used - names)
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+# ------------------------------------------------------------------ the image, built and run
+
+
+@pytest.fixture(scope="module")
+def local_docker() -> Iterator[Any]:
+    """dockerd and the dicomnode image built on Debian-package base images (no registry)."""
+    from tests.docker_local import LocalDocker
+
+    require(shutil.which("dockerd") or "/usr/sbin/dockerd")
+    require("/usr/sbin/debootstrap")
+    daemon = LocalDocker().start()
+    try:
+        daemon.node_image()
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_node_and_worker_containers_turn_a_series_into_a_seg_in_orthanc(
+        local_docker: Any, orthanc_factory: Any, pg_url: str, tmp_path: Path) -> None:
+    """The compose stack's node and worker services, from the image docker/Dockerfile builds
+    and the config the stack mounts (its hosts pointed at this machine's PostgreSQL, RabbitMQ
+    and an Orthanc): a series sent to the node container comes back from the worker container
+    as a SEG in Orthanc."""
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import Session
+
+    from dicomnode.audit.models import EventLog, Job, JobStatus
+    from dicomnode.demo.sample import write_phantom_ct
+
+    pacs = orthanc_factory().start()
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    os.chown(storage, 10001, 10001)  # the image's user
+    config = yaml.safe_load((DOCKER / "dicomnode.yaml").read_text())
+    node_port = free_port()
+    config["node"].update(host="127.0.0.1", port=node_port,
+                          allowed_peers=[{"ae_title": "MODALITY"}])
+    config["database"]["url"] = pg_url
+    config["destinations"]["pacs"].update(host="127.0.0.1", port=pacs.dicom_port)
+    config["executor"]["celery"].update(broker_url="amqp://guest:guest@127.0.0.1:5672//",
+                                        queue=f"dicomnode.docker-test.{uuid.uuid4().hex[:8]}")
+    config["http"].update(host="127.0.0.1", port=free_port())
+    config_path = tmp_path / "dicomnode.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    config_path.chmod(0o644)
+    names = [f"dicomnode-test-{role}-{uuid.uuid4().hex[:6]}" for role in ("node", "worker")]
+    for name, command in zip(names, (["serve"], ["worker"]), strict=True):
+        local_docker.run("run", "-d", "--name", name, "--network", "host",
+                         "-v", f"{config_path}:/etc/dicomnode/dicomnode.yaml:ro",
+                         "-v", f"{storage}:/var/lib/dicomnode", "dicomnode:latest",
+                         *command, "--config", "/etc/dicomnode/dicomnode.yaml")
+    try:
+        wait_for(lambda: f"listening on 127.0.0.1:{node_port}" in local_docker.run(
+            "logs", names[0]).stderr.decode() + local_docker.run("logs", names[0]).stdout
+            .decode(), timeout=180, interval=1.0)
+        sample = tmp_path / "ct"
+        write_phantom_ct(sample, slices=40, size=128)
+        assert storescu(sample, node_port).returncode == 0
+        study = pydicom.dcmread(next(sample.glob("*.dcm")), stop_before_pixels=True)
+        segs = wait_for(lambda: [s for s in pacs.series_in_study(study.StudyInstanceUID)
+                                 if s["modality"] == "SEG"], timeout=300, interval=1.0)
+        assert len(segs) == 1 and segs[0]["description"] == "AI CT tissue segmentation"
+        engine = create_engine(pg_url)
+        with Session(engine) as s:
+            jobs = s.execute(select(Job)).scalars().all()
+            started = s.execute(select(EventLog.actor).where(
+                EventLog.event_type == "job.started")).scalars().all()
+        engine.dispose()
+        assert [(j.pipeline, j.status) for j in jobs] == [("ct-tissue", JobStatus.SUCCEEDED)]
+        # the node runs no workers of its own: the worker container's celery process ran it
+        assert len(started) == 1 and started[0].endswith(":celery"), started
+    finally:
+        for name in names:
+            local_docker.run("rm", "-f", name, check=False)
