@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "lesions"
 RESULTS = ROOT / "bench" / "results" / "lesions.json"
 SEEDS = tuple(range(2000, 2010))
-METHODS = ("petct-lesions", "petct-suv25", "petct-suv41")
+METHODS = ("petct-lesions", "petct-suv25", "petct-suv41", "petct-percist")
 CONNECT = np.ones((3, 3, 3), bool)
 
 

@@ -76,7 +76,8 @@ def test_a_series_fills_the_first_role_whose_conditions_hold(twin: dict[str, Pat
 # ------------------------------------------------------------------------- the pipelines
 
 
-@pytest.mark.parametrize("pipeline", ["petct-lesions", "petct-suv25", "petct-suv41"])
+@pytest.mark.parametrize("pipeline", ["petct-lesions", "petct-suv25", "petct-suv41",
+                                      "petct-percist"])
 def test_the_report_holds_what_the_pet_and_the_seg_say(twin: dict[str, Path], tmp_path: Path,
                                                        pipeline: str) -> None:
     """Every lesion's volume, SUVmax and SUVmean in the SR equal (to 0.1 %) the values

@@ -92,6 +92,19 @@ register(
 
 register(
     PipelineSpec(
+        name="petct-percist",
+        version="1.0.0",
+        entry_point="dicomnode.pipelines.percist:run_percist",
+        modalities=("CT", "PT"),
+        description="FDG PET/CT lesions above a PERCIST-style liver reference (1.5 x liver "
+                    "SUVmean + 2 SD; threshold baseline) -> SEG + TID 1500 SR",
+        series_number=8,
+        roles=("CT", "PET"),
+    )
+)
+
+register(
+    PipelineSpec(
         name="petct-lesions",
         version="1.0.0",
         entry_point="dicomnode.pipelines.petct_lesions:run_network",

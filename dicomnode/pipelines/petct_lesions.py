@@ -15,7 +15,8 @@ sphere centred in the lesion), and the study's metabolic tumour volume and total
 glycolysis. Physiological uptake (brain, heart, bladder, kidneys) is not excluded: that is
 the known weakness of threshold methods, and why they are baselines.
 
-Not here yet: the PERCIST liver-reference threshold (it needs a liver from the CT).
+The PERCIST liver-reference threshold, which first finds the liver on the CT, is
+``petct-percist`` (percist.py), on the same writer.
 """
 
 from __future__ import annotations
@@ -131,15 +132,16 @@ def _numbered(mask: np.ndarray, suv: np.ndarray, spacing: tuple[float, float, fl
     return out, len(keep)
 
 
-# (job, CT HU on the PET grid, PET, SUV, body) -> (lesion mask, the model's identity or None)
+# (job, CT HU on the PET grid, PET, SUV, body) -> (lesion mask, the model's identity or None,
+# the method as the outputs name it, when it depends on the study, or None)
 Delineator = Callable[[JobContext, np.ndarray, SeriesVolume, np.ndarray, np.ndarray],
-                      tuple[np.ndarray, OutputIdentity | None]]
+                      tuple[np.ndarray, OutputIdentity | None, str | None]]
 
 
 def _thresholds(method: str) -> Delineator:
     def delineator(ctx: JobContext, hu: np.ndarray, pet: SeriesVolume, suv: np.ndarray,
-                   body: np.ndarray) -> tuple[np.ndarray, OutputIdentity | None]:
-        return delineate(suv, body, method), None
+                   body: np.ndarray) -> tuple[np.ndarray, OutputIdentity | None, str | None]:
+        return delineate(suv, body, method), None, None
     return delineator
 
 
@@ -157,7 +159,8 @@ def _run(ctx: JobContext, text: str, delineator: Delineator) -> list[OutputFile]
     t1 = time.perf_counter()
     hu = ct_on_pet(ct, pet)
     body = body_on_pet(hu)
-    mask, model = delineator(ctx, hu, pet, suv, body)
+    mask, model, how = delineator(ctx, hu, pet, suv, body)
+    text = how or text
     numbered, found = _numbered(mask & body, suv, pet.spacing)
     measures = lesion_measures(suv, numbered, pet.spacing)
     ctx.progress(0.7)
@@ -217,7 +220,7 @@ def petct_inputs(hu_on_pet: np.ndarray, suv: np.ndarray, suv_scale: float = 20.0
 
 
 def _network(ctx: JobContext, hu: np.ndarray, pet: SeriesVolume, suv: np.ndarray,
-             body: np.ndarray) -> tuple[np.ndarray, OutputIdentity | None]:
+             body: np.ndarray) -> tuple[np.ndarray, OutputIdentity | None, str | None]:
     """The middle-fusion U-Net (nets/fusion_unet.py), sliding windows with 0.5 overlap on the
     PET grid; a voxel is lesion where the sigmoid is at least 0.5."""
     import torch
@@ -234,7 +237,7 @@ def _network(ctx: JobContext, hu: np.ndarray, pet: SeriesVolume, suv: np.ndarray
                                           mode="gaussian", padding_mode="replicate")
     assert isinstance(logits, torch.Tensor)
     mask = (torch.sigmoid(logits)[0, 0] >= 0.5).cpu().numpy()
-    return mask, model_identity(ctx, pet, manifest, kind="SEG", description="")
+    return mask, model_identity(ctx, pet, manifest, kind="SEG", description=""), None
 
 
 def run_network(ctx: JobContext) -> list[OutputFile]:
