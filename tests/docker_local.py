@@ -69,6 +69,11 @@ class LocalDocker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        # dockerd leaves its network namespace mounted, which keeps the folder from being
+        # deleted (a checkout could not be removed after the tests)
+        netns = self.state / "exec" / "netns" / "default"
+        if os.path.ismount(netns):
+            subprocess.run(["umount", str(netns)], check=False, capture_output=True)
 
     def run(self, *args: str, check: bool = True, timeout: float = 1800,
             input_bytes: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

@@ -125,6 +125,52 @@ def test_the_report_holds_what_the_pet_and_the_seg_say(twin: dict[str, Path], tm
         assert errors == [], (output.kind, errors)
 
 
+def test_a_study_with_exactly_one_lesion_gets_its_report(twin: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    """A SEG with one segment keeps its Segment Identification in the shared functional groups;
+    highdicom's ReferencedSegment.from_segmentation does not look there and failed (found by
+    petct-percist on a twin case with one lesion above its threshold)."""
+    from scipy import ndimage as ndi
+
+    from dicomnode.dicom.write.common import OutputIdentity, save
+    from dicomnode.dicom.write.seg import SegmentSpec, build_seg, sct
+    from dicomnode.dicom.write.sr import build_lesion_report
+    from dicomnode.pipelines.petct_lesions import lesion_measures
+
+    pet = load_series(sorted(twin["PET"].glob("*.dcm")), modality="PT")
+    ct = load_series(sorted(twin["CT"].glob("*.dcm")), modality="CT")
+    assert pet.suv is not None
+    suv = pet.array * pet.suv.factor
+    labels, n = ndi.label(suv > 4)
+    sizes = ndi.sum(np.ones(suv.shape), labels, range(1, n + 1))
+    one = (labels == int(np.argmax(sizes)) + 1).astype(np.uint16)
+    base = dict(source_series_uid=pet.series_instance_uid, pipeline="test",
+                pipeline_version="1", series_number=1)
+    seg = build_seg(volume=pet, labels=one, identity=OutputIdentity(
+        kind="SEG", series_description="one lesion", **base), segments=[SegmentSpec(
+            label="FDG-avid lesion 1", category=sct("49755003", "Morphologically Abnormal "
+                                                    "Structure"),
+            type=sct("108369006", "Neoplasm"), color=(255, 64, 0))])
+    assert "SegmentIdentificationSequence" in seg.SharedFunctionalGroupsSequence[0]
+    measures = lesion_measures(suv, one, pet.spacing)
+    sr = build_lesion_report(seg=seg, pet_datasets=list(pet.datasets),
+                             ct_datasets=list(ct.datasets), lesions=measures,
+                             identity=OutputIdentity(kind="SR", series_description="report",
+                                                     **base), method="test")
+    path = save(sr, tmp_path / "sr.dcm")
+    (group,) = hd.sr.srread(path).content.get_volumetric_roi_measurement_groups()
+    ref = group.referenced_segment
+    assert ref.referenced_segment_numbers == [1]
+    assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+    frames = [f for f in seg.PerFrameFunctionalGroupsSequence]
+    sources = {s.ReferencedSOPInstanceUID for f in frames for d in f.DerivationImageSequence
+               for s in d.SourceImageSequence}
+    assert {i.referenced_sop_instance_uid for i in ref.source_images_for_segmentation} \
+        == sources
+    errors, _warnings = dciodvfy(path)
+    assert errors == []
+
+
 # ------------------------------------------------------------------------------ the node
 
 

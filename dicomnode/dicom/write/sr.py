@@ -54,6 +54,30 @@ def _suv(value: float, derivation: Code) -> hd.sr.Measurement:
                              derivation=derivation)
 
 
+def _referenced_segment(seg: Dataset, number: int) -> hd.sr.ReferencedSegment:
+    """The SR's reference to one segment of ``seg``, with its frames and source images.
+
+    A SEG with a single segment keeps its Segment Identification in the shared functional
+    groups, where ``ReferencedSegment.from_segmentation`` (highdicom 0.28) does not look: it
+    fails on every study with exactly one lesion. Then every frame's source image is that
+    segment's (no frame numbers: the segment number identifies it, as from_segmentation does).
+    """
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "SegmentIdentificationSequence" not in shared:
+        return hd.sr.ReferencedSegment.from_segmentation(seg, number)
+    sources: dict[str, hd.sr.SourceImageForSegmentation] = {}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        for derivation in frame.get("DerivationImageSequence", []):
+            for src in derivation.get("SourceImageSequence", []):
+                sources.setdefault(str(src.ReferencedSOPInstanceUID),
+                                   hd.sr.SourceImageForSegmentation(
+                                       str(src.ReferencedSOPClassUID),
+                                       str(src.ReferencedSOPInstanceUID)))
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID),
+        segment_number=number, source_images=list(sources.values()))
+
+
 def build_lesion_report(*, seg: Dataset | None, pet_datasets: list[Dataset],
                         ct_datasets: list[Dataset], lesions: list[LesionMeasures],
                         identity: OutputIdentity, method: str) -> hd.sr.Comprehensive3DSR:
@@ -76,8 +100,7 @@ def build_lesion_report(*, seg: Dataset | None, pet_datasets: list[Dataset],
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=hd.UID(), identifier=f"Lesion {lesion.segment_number}"),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(
-                seg, lesion.segment_number),
+            referenced_segment=_referenced_segment(seg, lesion.segment_number),
             finding_type=FDG_AVID, algorithm_id=algorithm,
             measurements=[
                 hd.sr.Measurement(name=codes.SCT.Volume, value=round(lesion.volume_ml, 4),
