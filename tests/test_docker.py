@@ -162,9 +162,11 @@ def test_node_and_worker_containers_turn_a_series_into_a_seg_in_orthanc(
                          "-v", f"{storage}:/var/lib/dicomnode", "dicomnode:latest",
                          *command, "--config", "/etc/dicomnode/dicomnode.yaml")
     try:
-        wait_for(lambda: f"listening on 127.0.0.1:{node_port}" in local_docker.run(
-            "logs", names[0]).stderr.decode() + local_docker.run("logs", names[0]).stdout
-            .decode(), timeout=180, interval=1.0)
+        def listening() -> bool:
+            logs = local_docker.run("logs", names[0])  # the container's stdout and stderr
+            return f"listening on 127.0.0.1:{node_port}" in (logs.stdout + logs.stderr).decode()
+
+        wait_for(listening, timeout=180, interval=1.0)
         sample = tmp_path / "ct"
         write_phantom_ct(sample, slices=40, size=128)
         assert storescu(sample, node_port).returncode == 0
