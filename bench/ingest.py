@@ -2,10 +2,13 @@
 
 A generated 300-slice 512x512 CT series is sent with DCMTK's storescu (TCP_NODELAY=1) over 1
 and over 4 parallel associations. Every run starts its receiver with empty storage. dicomnode
-runs with fsync and its audit rows (the real thing), with 1 and with 2 receiving processes.
-The median wall time of several runs and the ratios against storescp and Orthanc go to
-``bench/results/ingest.json``. Also measured: completion latency (sender's association closed
--> series complete) with the default policy.
+runs the shipped default config (``config/dicomnode.yaml``: its rules, fsync and audit rows;
+only the ports and var_dir are changed), and beside it the variants that show what each
+receive-path choice is worth: pynetdicom's own polling reactors (``node.event_driven: false``)
+and one receiving process. The median wall time of several runs and the ratios against
+storescp and Orthanc go to ``bench/results/ingest.json``, with completion latency (sender's
+association closed -> series complete) and, from one more timed run of the default node, where
+the time goes per instance.
 
 Run: ``make bench`` or ``.venv/bin/python -m bench.ingest [--runs N]``.
 """
@@ -107,24 +110,29 @@ class OrthancTarget:
 
 
 class NodeTarget:
-    def __init__(self, processes: int) -> None:
-        self.processes = processes
-        self.name = f"dicomnode ({processes} proc)"
+    """dicomnode on the shipped config; ``node`` overrides keys of its ``node:`` section."""
+
+    def __init__(self, name: str = "dicomnode", node: dict[str, object] | None = None,
+                 breakdown: Path | None = None) -> None:
+        self.name, self.node, self.breakdown = name, node or {}, breakdown
 
     def start(self, work: Path) -> int:
+        from dicomnode.settings import default_config_path
+
         port = free_port()
         self.work = work
-        cfg = {"var_dir": str(work / "var"),
-               "node": {"port": port, "receive_processes": self.processes},
-               "executor": {"workers": 0},
-               "rules": [{"name": "all", "match": {"Modality": {"equals": "CT"}},
-                          "pipelines": ["ct-tissue"]}]}
+        cfg = yaml.safe_load(default_config_path().read_text())
+        cfg["var_dir"] = str(work / "var")
+        cfg["node"].update({"port": port, **self.node})
+        cfg["http"]["port"] = free_port()
         work.mkdir(parents=True, exist_ok=True)
         (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
         self.log = open(work / "node.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config",
+        runner = ["bench/ingest_breakdown.py"] if self.breakdown else ["-m", "dicomnode.cli"]
+        env = {**os.environ, "DICOMNODE_BREAKDOWN": str(self.breakdown or "")}
+        self.proc = subprocess.Popen([sys.executable, *runner, "serve", "--config",
                                       str(work / "cfg.yaml")], stdout=self.log,
-                                     stderr=subprocess.STDOUT, cwd=ROOT)
+                                     stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         deadline = time.monotonic() + 60
         while b"listening on" not in (work / "node.log").read_bytes():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -165,6 +173,27 @@ class NodeTarget:
         self.proc.wait(60)
 
 
+def where_the_time_goes(parts: list[Path], slices: int) -> dict[str, float]:
+    """One more default-node run (one receiving process, so that the timed one gets the
+    association) with stage timers (bench/ingest_breakdown.py): milliseconds
+    per instance in each stage, and the whole send's wall time per instance."""
+    stats = WORK / "breakdown.json"
+    target = NodeTarget("dicomnode (timed)", {"receive_processes": 1}, breakdown=stats)
+    work = WORK / "runs" / "breakdown"
+    port = target.start(work)
+    try:
+        wall = send(parts, port, target.aec())
+        time.sleep(0.5)
+    finally:
+        target.stop()
+    shutil.rmtree(work, ignore_errors=True)
+    stages = json.loads(stats.read_text())
+    out = {"wall per instance (timers on)": 1000 * wall / slices}
+    out.update({name: 1000 * total / slices for name, (_, total) in stages.items()})
+    print(json.dumps(out, indent=2), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
@@ -187,27 +216,29 @@ def main() -> None:
     results: dict[str, dict[str, object]] = {}
     latencies: list[float] = []
     for parallel, parts in layouts.items():
-        targets = [StoreSCP(parallel), OrthancTarget(), NodeTarget(1)]
+        targets = [StoreSCP(parallel), OrthancTarget(), NodeTarget(),
+                   NodeTarget("dicomnode, polling reactors", {"event_driven": False})]
         if parallel > 1:
-            targets.append(NodeTarget(2))
-        for target in targets:
-            times = []
-            for run in range(args.runs):
+            targets.append(NodeTarget("dicomnode, 1 process", {"receive_processes": 1}))
+        times_by: dict[str, list[float]] = {t.name: [] for t in targets}
+        for run in range(args.runs):  # interleaved, so that drift on a shared machine is spread
+            for target in targets:
                 work = WORK / "runs" / f"{target.name.replace(' ', '_')}-{parallel}-{run}"
                 port = target.start(work)
                 try:
-                    elapsed = send(parts, port, target.aec())
-                    times.append(elapsed)
-                    if isinstance(target, NodeTarget) and parallel == 1:
+                    times_by[target.name].append(send(parts, port, target.aec()))
+                    if type(target) is NodeTarget and target.name == "dicomnode" \
+                            and parallel == 1:
                         lat = target.completion_latency(series_uid, time.perf_counter())
                         if lat is not None:
                             latencies.append(lat)
                 finally:
                     target.stop()
                 shutil.rmtree(work, ignore_errors=True)
-            results[f"{target.name} x{parallel}"] = {
+        for name, times in times_by.items():
+            results[f"{name} x{parallel}"] = {
                 "median_s": statistics.median(times), "runs_s": times}
-            print(f"{target.name:20} {parallel} assoc: median {statistics.median(times):.2f} s "
+            print(f"{name:28} {parallel} assoc: median {statistics.median(times):.2f} s "
                   f"{[round(t, 2) for t in times]}", flush=True)
     ratios = {}
     for parallel in layouts:
@@ -217,14 +248,17 @@ def main() -> None:
             if key.startswith("dicomnode") and key.endswith(f"x{parallel}"):
                 ratios[key] = {"vs_orthanc": value["median_s"] / orth,  # type: ignore[operator]
                                "vs_storescp": value["median_s"] / scp}  # type: ignore[operator]
+    breakdown = where_the_time_goes(layouts[1], args.slices)
     out = {
         "benchmark": "ingest", "slices": args.slices, "matrix": 512, "runs": args.runs,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "config": "config/dicomnode.yaml as shipped (ports and var_dir changed)",
         "median_seconds": {k: v["median_s"] for k, v in results.items()},
         "runs_seconds": {k: v["runs_s"] for k, v in results.items()},
         "ratios": ratios,
         "completion_latency_s": {"runs": latencies,
                                  "median": statistics.median(latencies) if latencies else None},
+        "per_instance_ms_one_association": breakdown,
         "command": f"python -m bench.ingest --runs {args.runs}",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

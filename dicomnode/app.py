@@ -123,13 +123,30 @@ def check_pipelines(settings: Settings) -> dict[str, str]:
     return {name: entry.manifest.version for name, entry in models.items()}
 
 
-def _receiver_process(settings_data: dict[str, Any], index: int, ready: Any) -> None:
-    """An extra receiving process sharing the port (SO_REUSEPORT)."""
+def _die_with_parent() -> None:
+    """Linux: end this process when the node's main process dies, even by kill -9 (an
+    orphaned receiver would keep the port and answer associations with nobody to complete
+    their series)."""
+    parent = os.getppid()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the call
+        os._exit(0)
+
+
+def _receiver_process(settings_data: dict[str, Any], index: int, ready: Any,
+                      closed: Any) -> None:
+    """An extra receiving process sharing the port (SO_REUSEPORT); it tells the main process
+    through ``closed`` when an association ends, so completion acts at once there too."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s recv-{index} %(message)s")
+    _die_with_parent()
     settings = Settings.model_validate(settings_data)
     engine, factory = open_database(settings, upgrade=False)
     receiver = Receiver(settings=settings, factory=factory, spool=Spool(settings.spool_dir),
-                        patient_secret=patient_secret(settings))
+                        patient_secret=patient_secret(settings),
+                        on_association_closed=lambda: closed.put(index))
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -274,18 +291,30 @@ class Node:
         healthy = checks["database"] == "ok" and listening and free is None
         return healthy, checks
 
+    def _forward_closes(self, closed: Any) -> None:
+        """Bring the completion sweep forward when another receiving process's association
+        ends (``None`` ends the thread)."""
+        while closed.get() is not None:
+            run_soon(self.scheduler, "completion")
+
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set, then shut down in order (stop accepting first)."""
         self._reconcile()
         self.executor.start()
         self.scheduler.start()
-        reuse = self.settings.node.receive_processes > 1
+        count = self.settings.node.receive_process_count
+        reuse = count > 1
+        closed = None
         if reuse:
             ctx = mp.get_context("spawn")
             data = self.settings.model_dump(mode="json")
             ready = ctx.Semaphore(0)
-            for i in range(1, self.settings.node.receive_processes):
-                proc = ctx.Process(target=_receiver_process, args=(data, i, ready), daemon=True)
+            closed = ctx.SimpleQueue()
+            threading.Thread(target=self._forward_closes, args=(closed,), daemon=True,
+                             name="dicomnode-closes").start()
+            for i in range(1, count):
+                proc = ctx.Process(target=_receiver_process, args=(data, i, ready, closed),
+                                   daemon=True)
                 proc.start()
                 self._extra_receivers.append(proc)
             for _ in self._extra_receivers:  # report "listening" only when all of them are
@@ -319,6 +348,8 @@ class Node:
                         os.kill(extra.pid, signal.SIGTERM)
             for extra in self._extra_receivers:
                 extra.join(60)
+            if closed is not None:
+                closed.put(None)
             self.scheduler.shutdown(wait=True)
             self.executor.stop()
             with transaction(self.factory) as session:

@@ -7,6 +7,7 @@ Settings are passed down from :mod:`dicomnode.app`; nothing reads them from a gl
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -84,14 +85,30 @@ class NodeSettings(_Model):
         "to accept the hospital network.",
     )
     port: int = Field(default=11112, ge=1, le=65535, description="TCP port to listen on.")
-    receive_processes: int = Field(
-        default=1,
-        ge=1,
-        le=64,
-        description="Receiving processes sharing the port (SO_REUSEPORT). More than one spreads "
-        "parallel associations over cores.",
+    receive_processes: int | Literal["auto"] = Field(
+        default="auto",
+        description="Receiving processes sharing the port (SO_REUSEPORT), so that parallel "
+        "associations run on several cores; 'auto': one per core, at most 8.",
     )
+
+    @field_validator("receive_processes")
+    @classmethod
+    def _processes_in_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("receive_processes must be 1-64 or 'auto'")
+        return value
+
+    @property
+    def receive_process_count(self) -> int:
+        """``receive_processes`` resolved for this machine."""
+        if self.receive_processes == "auto":
+            return max(1, min(os.cpu_count() or 1, 8))
+        return int(self.receive_processes)
+
     max_pdu: int = Field(default=0, ge=0, description="Maximum PDU size offered; 0 = unlimited.")
+    event_driven: bool = Field(
+        default=True, description="Event-driven association threads (dicomnode/dicom/reactor.py) "
+        "instead of pynetdicom's 1 ms polling loops; false: pynetdicom's own.")
     network_timeout_s: float = Field(default=60.0, gt=0, description="Idle network timeout.")
     allowed_peers: list[AllowedPeer] = Field(
         default_factory=list,

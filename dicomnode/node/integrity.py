@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import struct
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
@@ -46,9 +47,37 @@ def parse_cost_problem(encoded: bytes) -> str | None:
     return None
 
 
+_NUMBER_VRS = ("IS", "DS")
+
+
+def _might_be_number(tag: int, elem: object) -> bool:
+    """Whether an element (raw or not) can turn into IS / DS or a sequence when pydicom reads
+    it; elements that cannot are never converted (converting every element was most of the
+    time these checks took)."""
+    vr = getattr(elem, "VR", None)
+    if vr is not None and vr != "UN":
+        return vr in _NUMBER_VRS or vr == "SQ"
+    if tag & 0x10000:  # private, implicit or UN: only pydicom's reading knows
+        return True
+    try:
+        known = dictionary_VR(tag)
+    except KeyError:  # not in the dictionary: read it as pydicom would
+        return True
+    return known in ("IS", "DS", "SQ") or " or " in known
+
+
 def _number_problem(ds: Dataset) -> str | None:
-    for elem in ds.iterall():
-        if elem.tag == 0x7FE00010 or elem.VR not in ("IS", "DS"):
+    for tag in list(ds.keys()):
+        if tag == 0x7FE00010 or not _might_be_number(tag, ds.get_item(tag)):
+            continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                problem = _number_problem(item)
+                if problem:
+                    return problem
+            continue
+        if elem.VR not in _NUMBER_VRS:
             continue
         values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
         where = f"{elem.keyword or 'element'} {elem.tag}"

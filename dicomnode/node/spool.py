@@ -28,15 +28,16 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.audit.db import transaction
+from dicomnode.audit.db import write_connection
 from dicomnode.audit.events import AuditEventID, Outcome, patient_key, record_event
 from dicomnode.audit.models import Instance, InstanceReceipt, Series, SeriesState, utcnow
 from dicomnode.files import fsync_dir
@@ -45,21 +46,24 @@ __all__ = ["InvalidInstance", "InstanceHeader", "Spool", "StoreAction", "store_i
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
-# Hot-path statements, built once: parameters are bound per call, so SQLAlchemy compiles each
-# statement once instead of rebuilding it for every instance (~1.5 ms per instance measured).
-_INSERT_INSTANCE = insert(Instance)
-_INSERT_RECEIPT = insert(InstanceReceipt)
-_FIND_INSTANCE = select(Instance.sha256, Instance.path).where(
-    Instance.sop_instance_uid == bindparam("sop_uid"))
+# Hot-path statements, built once on the Core tables and run on a Core connection:
+# parameters are bound per call, so SQLAlchemy compiles each statement once (~1.5 ms per
+# instance measured), and the ORM's bulk-persistence layer, which these plain rows do not need,
+# is skipped (another ~2.5 ms per instance; docs/benchmarks.md, "Receive").
+_INSTANCES, _RECEIPTS, _SERIES = Instance.__table__, InstanceReceipt.__table__, Series.__table__
+_INSERT_INSTANCE = insert(_INSTANCES)
+_INSERT_RECEIPT = insert(_RECEIPTS)
+_FIND_INSTANCE = select(_INSTANCES.c.sha256, _INSTANCES.c.path).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("sop_uid"))
 _COUNT_INTO_SERIES = (
-    update(Series)
-    .where(Series.series_instance_uid == bindparam("series_uid"),
-           Series.state == SeriesState.RECEIVING)
-    .values(instance_count=Series.instance_count + 1,
-            last_received_at=bindparam("now", type_=Series.last_received_at.type),
-            last_association_id=bindparam("assoc_id", type_=Series.last_association_id.type),
-            row_version=Series.row_version + 1)
-    .returning(Series.id, Series.expected_count)
+    update(_SERIES)
+    .where(_SERIES.c.series_instance_uid == bindparam("series_uid"),
+           _SERIES.c.state == SeriesState.RECEIVING)
+    .values(instance_count=_SERIES.c.instance_count + 1,
+            last_received_at=bindparam("now", type_=_SERIES.c.last_received_at.type),
+            last_association_id=bindparam("assoc_id", type_=_SERIES.c.last_association_id.type),
+            row_version=_SERIES.c.row_version + 1)
+    .returning(_SERIES.c.id, _SERIES.c.expected_count)
 )
 
 
@@ -275,12 +279,12 @@ def store_instance(
     tmp = spool.write_tmp(data)
     try:
         try:
-            with transaction(factory) as session:
-                existing = session.execute(
+            with write_connection(factory) as conn:
+                existing = conn.execute(
                     _FIND_INSTANCE, {"sop_uid": header.sop_instance_uid}).one_or_none()
                 if existing is not None:
                     return _record_repeat(
-                        session, spool=spool, header=header, tmp=tmp, sha=sha,
+                        conn, spool=spool, header=header, tmp=tmp, sha=sha,
                         size=len(data), existing_sha=existing.sha256,
                         existing_path=existing.path, association_id=association_id,
                         message_id=message_id,
@@ -288,10 +292,10 @@ def store_instance(
                 relative = spool.relative_path(header)
                 now = utcnow()
                 series_id = _upsert_series(
-                    session, header=header, calling_ae=calling_ae,
+                    conn, header=header, calling_ae=calling_ae,
                     association_id=association_id, patient_secret=patient_secret, now=now,
                 )
-                session.execute(_INSERT_INSTANCE, dict(
+                conn.execute(_INSERT_INSTANCE, dict(
                     sop_instance_uid=header.sop_instance_uid,
                     sop_class_uid=header.sop_class_uid,
                     series_id=series_id,
@@ -306,7 +310,7 @@ def store_instance(
                     orientation=header.orientation,
                     received_at=now,
                 ))
-                session.execute(_INSERT_RECEIPT, dict(
+                conn.execute(_INSERT_RECEIPT, dict(
                     association_id=association_id,
                     message_id=message_id,
                     sop_instance_uid=header.sop_instance_uid,
@@ -321,14 +325,14 @@ def store_instance(
                 return StoreResult(action=StoreAction.CREATE, sha256=sha, path=relative)
         except IntegrityError:
             # PostgreSQL: the same UID committed first on another association: a repeat
-            with transaction(factory) as session:
-                row = session.execute(
+            with write_connection(factory) as conn:
+                row = conn.execute(
                     select(Instance.sha256, Instance.path).where(
                         Instance.sop_instance_uid == header.sop_instance_uid
                     )
                 ).one()
                 return _record_repeat(
-                    session, spool=spool, header=header, tmp=tmp, sha=sha, size=len(data),
+                    conn, spool=spool, header=header, tmp=tmp, sha=sha, size=len(data),
                     existing_sha=row.sha256, existing_path=row.path,
                     association_id=association_id, message_id=message_id,
                 )
@@ -337,7 +341,7 @@ def store_instance(
 
 
 def _upsert_series(
-    session: Session,
+    conn: Connection,
     *,
     header: InstanceHeader,
     calling_ae: str,
@@ -346,26 +350,20 @@ def _upsert_series(
     now: object,
 ) -> int:
     """Count the instance into its series (one UPDATE on the hot path); returns the series id."""
-    counted = {
-        "instance_count": Series.instance_count + 1,
-        "last_received_at": now,
-        "last_association_id": association_id,
-        "row_version": Series.row_version + 1,
-    }
-    row = session.execute(
+    row = conn.execute(
         _COUNT_INTO_SERIES,
         {"series_uid": header.series_instance_uid, "now": now, "assoc_id": association_id},
     ).one_or_none()
     if row is None:
-        current = session.execute(
+        current = conn.execute(
             select(Series.id, Series.state).where(
                 Series.series_instance_uid == header.series_instance_uid)
         ).one_or_none()
         if current is None:
-            dialect = session.get_bind().dialect.name
+            dialect = conn.dialect.name
             ins = pg_insert if dialect == "postgresql" else sqlite_insert
-            new_id = session.execute(
-                ins(Series).values(
+            new_id = conn.execute(
+                ins(_SERIES).values(
                     series_instance_uid=header.series_instance_uid,
                     study_instance_uid=header.study_instance_uid,
                     patient_key=patient_key(patient_secret, header.patient_id),
@@ -384,17 +382,23 @@ def _upsert_series(
             if new_id is not None:
                 return int(new_id)
             # created concurrently (PostgreSQL): count into it
-            return _upsert_series(session, header=header, calling_ae=calling_ae,
+            return _upsert_series(conn, header=header, calling_ae=calling_ae,
                                   association_id=association_id,
                                   patient_secret=patient_secret, now=now)
         # an instance after completion: reopen the series, with the reason in the log
-        session.execute(
+        counted = {
+            "instance_count": Series.instance_count + 1,
+            "last_received_at": now,
+            "last_association_id": association_id,
+            "row_version": Series.row_version + 1,
+        }
+        conn.execute(
             update(Series).where(Series.id == current.id)
             .values(**counted, state=SeriesState.RECEIVING, completion_reason=None,
                     completed_at=None)
         )
-        record_event(
-            session,
+        _record_event(
+            conn,
             "series.reopened",
             audit_event_id=AuditEventID.IMPORT,
             outcome=Outcome.MINOR_FAILURE,
@@ -405,13 +409,20 @@ def _upsert_series(
         )
         return int(current.id)
     if header.expected_count and not row.expected_count:
-        session.execute(update(Series).where(Series.id == row.id)
+        conn.execute(update(Series).where(Series.id == row.id)
                         .values(expected_count=header.expected_count))
     return int(row.id)
 
 
+def _record_event(conn: Connection, event_type: str, **kwargs: Any) -> None:
+    """An audit event in the connection's transaction (the event log's writer is ORM)."""
+    with Session(bind=conn) as session:
+        record_event(session, event_type, **kwargs)
+        session.flush()
+
+
 def _record_repeat(
-    session: Session,
+    conn: Connection,
     *,
     spool: Spool,
     header: InstanceHeader,
@@ -429,7 +440,7 @@ def _record_repeat(
         action = StoreAction.CONFLICT
         path = f"{CONFLICTS}/{_safe_component(header.sop_instance_uid)}.{sha[:16]}.dcm"
         spool.commit_tmp(tmp, path)
-    session.execute(_INSERT_RECEIPT, dict(
+    conn.execute(_INSERT_RECEIPT, dict(
         association_id=association_id,
         message_id=message_id,
         sop_instance_uid=header.sop_instance_uid,
@@ -440,8 +451,8 @@ def _record_repeat(
         received_at=utcnow(),
     ))
     if action is StoreAction.CONFLICT:
-        record_event(
-            session,
+        _record_event(
+            conn,
             "instance.conflict",
             audit_event_id=AuditEventID.IMPORT,
             outcome=Outcome.MINOR_FAILURE,

@@ -1,0 +1,231 @@
+"""Event-driven reactors for pynetdicom's acceptor: a patch applied by subclassing.
+
+pynetdicom 3.0 runs two threads per association, and both poll: the DUL reactor sleeps 1 ms
+whenever it found nothing to do, and the association reactor sleeps 1 ms before every look at
+its DIMSE queue (its own source says "TODO: try and make this event based"). On one
+association a C-STORE waits on both on the way in and on the way out, and the socket is read
+4 KiB per ``recv`` call (128 Python-level reads for one 512 KiB CT slice).
+
+Here the same loops wait on what they wait for instead:
+
+* the DUL reactor blocks in ``select`` on the socket and on a wake-up pipe that
+  :meth:`FastDUL.send_pdu` writes to, so an outgoing response or incoming PDU is handled at
+  once (timers are still checked at least every 50 ms);
+* the association reactor blocks on its DIMSE message queue (5 ms at most, so release and
+  abort are still noticed promptly);
+* the socket reads a whole PDU with ``recv_into`` into one buffer.
+
+The loops are pynetdicom's own, copied with only those waits changed, and they are pinned to
+the pynetdicom version in ``pyproject.toml``; ``tests/test_reactor.py`` runs the node's receive
+path with and without them. docs/benchmarks.md ("Receive") has what each saves. All three are
+candidates for upstream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import select
+import ssl
+import time
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+__all__ = ["FastRequestHandler", "accelerate"]
+
+_TIMER_CHECK_S = 0.05  # the DUL's ARTIM timer and kill flag are looked at least this often
+_DIMSE_WAIT_S = 0.005  # the association reactor looks for release / abort this often
+
+
+class FastSocket(AssociationSocket):
+    """Reads a PDU with ``recv_into`` into one preallocated buffer."""
+
+    def recv(self, nr_bytes: int) -> bytearray:  # noqa: D102
+        sock = self.socket
+        assert sock is not None
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        read = 0
+        while read < nr_bytes:
+            got = sock.recv_into(view[read:], nr_bytes - read)
+            if not got:  # connection closed: what was read so far, as pynetdicom does
+                del view
+                return buffer[:read]
+            read += got
+        return buffer
+
+
+class FastDUL(DULServiceProvider):
+    """The DUL reactor, waiting on its socket and a wake-up pipe instead of sleeping."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    def send_pdu(self, primitive: Any) -> None:  # noqa: D102
+        super().send_pdu(primitive)
+        self._wake()
+
+    def kill_dul(self) -> None:  # noqa: D102
+        super().kill_dul()
+        self._wake()
+
+    def stop_dul(self) -> bool:  # noqa: D102
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self._wake()
+        return super().stop_dul()
+
+    def _wait(self) -> None:
+        """Until the socket is readable, a primitive was queued, or the timer interval."""
+        wrapper = self.socket
+        sock = getattr(wrapper, "socket", None)
+        if sock is None or not getattr(wrapper, "_is_connected", False):
+            time.sleep(self._run_loop_delay)
+            return
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted bytes already buffered: select would not see them
+        try:
+            ready, _, _ = select.select([sock, self._wake_r], [], [], _TIMER_CHECK_S)
+        except (OSError, ValueError):  # closed under us: let the loop notice
+            time.sleep(self._run_loop_delay)
+            return
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.read(self._wake_r, 4096)
+
+    def run_reactor(self) -> None:
+        """pynetdicom's ``DULServiceProvider.run_reactor`` with ``_wait`` for its sleep."""
+        try:
+            self._reactor_loop()
+        finally:
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _reactor_loop(self) -> None:
+        self._idle_timer.start()
+        idle = False
+        while True:
+            if not self.assoc._dul_ready.is_set():  # noqa: SLF001
+                self.assoc._dul_ready.set()  # noqa: SLF001
+                idle = True
+            if idle:
+                self._wait()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                # either encode and send one primitive or receive and decode one PDU
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception:  # as pynetdicom: abort the association, end the thread
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                with contextlib.suppress(Exception):
+                    self.socket.send(abort_pdu.encode())  # type: ignore[union-attr]
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True  # noqa: SLF001
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            self.state_machine.do_action(event)
+            idle = False
+
+
+class FastAssociation(Association):
+    """An acceptor whose reactor blocks on its DIMSE queue instead of sleeping 1 ms."""
+
+    def _run_reactor(self) -> None:
+        """pynetdicom's ``Association._run_reactor`` with a queue wait for its sleep."""
+        self._is_paused = False
+        while not self._kill:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            try:
+                context_id, msg = self.dimse.msg_queue.get(timeout=_DIMSE_WAIT_S)
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg:
+                self._serve_request(msg, context_id)  # type: ignore[arg-type]
+            if self.is_established and self.acse.is_release_requested():
+                # EVT_RELEASED before the A-RELEASE-RP is queued, not after as in
+                # pynetdicom: the DUL no longer sleeps, so it may send the reply and see the
+                # connection close (EVT_CONN_CLOSE) before this thread got to the trigger,
+                # and handlers rely on RELEASED coming first (the polling delay hid this)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.acse.send_release(is_response=True)
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+def accelerate(assoc: Association) -> Association:
+    """Give a not yet started acceptor the event-driven reactors and the socket reads.
+
+    The association and socket only change methods (their state is pynetdicom's); the DUL is
+    a new thread object, because ``Thread`` binds its target when it is built.
+    """
+    old = assoc.dul
+    dul = FastDUL(assoc)
+    dul.socket = old.socket
+    # the socket already queued its connection event (Evt5) on the old provider
+    dul.event_queue, dul.to_provider_queue = old.event_queue, old.to_provider_queue
+    dul.to_user_queue, dul._recv_pdu = old.to_user_queue, old._recv_pdu  # noqa: SLF001
+    dul._idle_timer = old._idle_timer  # noqa: SLF001
+    dul.artim_timer = old.artim_timer
+    assoc.dul = dul
+    assoc.__class__ = FastAssociation
+    if type(old.socket) is AssociationSocket:
+        old.socket.__class__ = FastSocket
+    return assoc
+
+
+class FastRequestHandler(RequestHandler):
+    """The server's per-connection handler, building accelerated acceptors."""
+
+    def _create_association(self) -> Association:
+        return accelerate(super()._create_association())

@@ -1,0 +1,119 @@
+"""The receive path's speed-ups keep its behaviour: event-driven association threads
+(dicomnode/dicom/reactor.py), several receiving processes by default, the File Meta header
+written without pydicom, the integrity checks that convert only what they check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from sqlalchemy import select
+
+from dicomnode.audit.models import Association, Instance, Series
+from dicomnode.node.integrity import integrity_problem
+from dicomnode.node.receive import part10_header
+from dicomnode.settings import ConfigError, parse_settings
+from tests.conftest import storescu, wait_for
+
+
+@pytest.mark.parametrize(("sop_class", "transfer_syntax"), [
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"),  # even-length UIDs
+    ("1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.1.2"),  # odd: padded with NUL
+])
+def test_part10_header_is_byte_for_byte_pynetdicoms(sop_class: str, transfer_syntax: str) -> None:
+    for sop_instance in ("1.2.3.4", "1.2.3.45"):
+        reference = b"\0" * 128 + b"DICM" + encode_file_meta(create_file_meta(
+            sop_class_uid=sop_class, sop_instance_uid=sop_instance,
+            transfer_syntax=transfer_syntax))
+        assert part10_header(sop_class, sop_instance, transfer_syntax) == reference
+
+
+def test_receive_processes_auto_is_one_per_core_and_bad_values_name_the_key() -> None:
+    import os
+
+    auto = parse_settings({}).node
+    assert auto.receive_processes == "auto"
+    assert auto.receive_process_count == max(1, min(os.cpu_count() or 1, 8))
+    assert parse_settings({"node": {"receive_processes": 3}}).node.receive_process_count == 3
+    for bad in (0, 65, "many"):
+        with pytest.raises(ConfigError, match="receive_processes"):
+            parse_settings({"node": {"receive_processes": bad}})
+
+
+def test_numbers_are_still_checked_in_sequences_private_and_implicit_elements(
+        tmp_path: Path) -> None:
+    """Only elements that can be IS / DS are converted now; a bad number anywhere pydicom
+    would read one is still found."""
+    from pydicom.sequence import Sequence
+
+    def read(ds: Dataset, *, implicit: bool, swap: tuple[bytes, bytes] = (b"", b"")) -> Dataset:
+        """``ds`` written to a file, with a placeholder value's bytes swapped for text no
+        number can hold (as a broken sender would write it), and read back."""
+        path = tmp_path / "x.dcm"
+        ds.file_meta = create_file_meta(
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22", sop_instance_uid="1.2.3",
+            transfer_syntax="1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1")
+        ds.save_as(path, enforce_file_format=True)
+        raw = path.read_bytes()
+        assert raw.count(swap[0]) == 1
+        path.write_bytes(raw.replace(*swap))
+        return pydicom.dcmread(path)
+
+    explicit = "1.2.840.10008.1.2.1"
+    for implicit in (False, True):
+        item = Dataset()
+        item.add_new(0x00181050, "DS", "1.25")  # SpatialResolution
+        outer = Dataset()
+        outer.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"  # an SR: no pixel data
+        outer.add_new(0x00082112, "SQ", Sequence([item]))  # SourceImageSequence
+        assert integrity_problem(read(outer, implicit=implicit, swap=(b"1.25", b"1.25")),
+                                 explicit) is None
+        problem = integrity_problem(read(outer, implicit=implicit, swap=(b"1.25", b"abcd")),
+                                    explicit)
+        assert problem is not None and "SpatialResolution" in problem
+        flat = Dataset()
+        flat.add_new(0x00200013, "IS", "27")  # InstanceNumber
+        problem = integrity_problem(read(flat, implicit=implicit, swap=(b"27", b"2x")),
+                                    explicit)
+        assert problem is not None and "InstanceNumber" in problem
+    private = Dataset()
+    private.add_new(0x00090010, "LO", "SITE")
+    private.add_new(0x00091010, "DS", "9.75")  # explicit VR says DS: read and checked as DS
+    problem = integrity_problem(read(private, implicit=False, swap=(b"9.75", b"9.7x")),
+                                explicit)
+    assert problem is not None and "(0009,1010)" in problem
+
+
+@pytest.mark.parametrize("event_driven", [True, False])
+def test_every_released_association_completes_its_series_at_once(
+        make_node, tmp_path: Path, event_driven: bool) -> None:
+    """Twelve series, each on its own association, to a node with two receiving processes and
+    a completion sweep every 30 s: each association is recorded as released (not 'closed':
+    the event-driven DUL once closed the connection before RELEASED fired) and each series
+    completes within seconds of its close, in whichever process received it."""
+    from dicomnode.demo.sample import write_phantom_ct
+
+    node = make_node(node={"receive_processes": 2, "event_driven": event_driven},
+                     schedule={"completion_sweep_s": 30},
+                     completion={"quiet_period_s": 600, "max_wait_s": 600})
+    for i in range(12):
+        write_phantom_ct(tmp_path / f"s{i}", slices=4, size=16)
+        assert storescu(tmp_path / f"s{i}", node.port).returncode == 0
+
+    def all_complete() -> bool:
+        with node.session() as s:
+            return s.execute(select(Series).where(Series.completed_at.is_(None))).first() is None
+
+    wait_for(all_complete, timeout=10, interval=0.2)
+    with node.session() as s:
+        reasons = s.execute(select(Association.end_reason).where(
+            Association.direction == "in")).scalars().all()
+        assert reasons == ["released"] * 12
+        assert len(s.execute(select(Instance)).all()) == 48
+        for series in s.execute(select(Series)).scalars():
+            assert series.completion_reason.startswith("sender association closed")
+    served_by_second = node.log_path.read_text().count("recv-1 Accepting Association")
+    assert served_by_second > 0  # SO_REUSEPORT spreads them (all 12 on one: p = 2^-12)
