@@ -117,3 +117,39 @@ def test_every_released_association_completes_its_series_at_once(
             assert series.completion_reason.startswith("sender association closed")
     served_by_second = node.log_path.read_text().count("recv-1 Accepting Association")
     assert served_by_second > 0  # SO_REUSEPORT spreads them (all 12 on one: p = 2^-12)
+
+
+def test_files_written_while_checking_are_deleted_when_the_instance_is_refused(
+        make_node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is written on a spool thread under the request's UIDs while the data set is
+    checked: a refusal (UIDs that differ from the data set's, a truncated data set) deletes
+    it before the answer, and an accepted instance is filed once."""
+    from pynetdicom import AE, _config
+
+    from dicomnode.demo.sample import write_phantom_ct
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send bytes as they are
+    good = write_phantom_ct(tmp_path / "ct", slices=1, size=16)[0]
+    other_uid = tmp_path / "other-uid.dcm"
+    ds = pydicom.dcmread(good)
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.999"  # what the request will carry
+    ds.save_as(other_uid)
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    node = make_node()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(path).Status)
+                    for path in (other_uid, truncated, good)]
+    finally:
+        assoc.release()
+    assert statuses == [0xA900, 0xA900, 0x0000]
+    spool = Path(node.config["var_dir"]) / "spool"
+    assert list((spool / ".tmp").iterdir()) == []
+    assert len(list(spool.glob("*/*/*.dcm"))) == 1
+    with node.session() as s:
+        assert [row.sop_instance_uid for row in s.execute(select(Instance)).scalars()] \
+            == [str(ds.SOPInstanceUID)]

@@ -13,7 +13,9 @@ Here the same loops wait on what they wait for instead:
   once (timers are still checked at least every 50 ms);
 * the association reactor blocks on its DIMSE message queue (5 ms at most, so release and
   abort are still noticed promptly);
-* the socket reads a whole PDU with ``recv_into`` into one buffer.
+* the socket reads a whole PDU with ``recv_into`` into one buffer;
+* pynetdicom's per-message logging handlers are unbound (they decode each command set to
+  format log lines; the audit trail records every store).
 
 The loops are pynetdicom's own, copied with only those waits changed, and they are pinned to
 the pynetdicom version in ``pyproject.toml``; ``tests/test_reactor.py`` runs the node's receive
@@ -32,6 +34,12 @@ import time
 from typing import Any
 
 from pynetdicom import evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -41,6 +49,10 @@ __all__ = ["FastRequestHandler", "accelerate"]
 
 _TIMER_CHECK_S = 0.05  # the DUL's ARTIM timer and kill flag are looked at least this often
 _DIMSE_WAIT_S = 0.005  # the association reactor looks for release / abort this often
+_LOG_HANDLERS = ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+                 (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+                 (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+                 (evt.EVT_PDU_SENT, standard_pdu_sent_handler))
 
 
 class FastSocket(AssociationSocket):
@@ -219,6 +231,11 @@ def accelerate(assoc: Association) -> Association:
     dul.artim_timer = old.artim_timer
     assoc.dul = dul
     assoc.__class__ = FastAssociation
+    # pynetdicom's own per-message log handlers decode every command set to format lines
+    # (one INFO line per C-STORE); the audit trail records each store, so they go
+    for event, handler in _LOG_HANDLERS:
+        with contextlib.suppress(Exception):
+            assoc.unbind(event, handler)
     if type(old.socket) is AssociationSocket:
         old.socket.__class__ = FastSocket
     return assoc

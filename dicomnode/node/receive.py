@@ -16,7 +16,9 @@ import struct
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -282,58 +284,53 @@ class Receiver:
         return Status.SUCCESS
 
     def on_store(self, event: Any) -> int | Dataset:
-        """EVT_C_STORE: file the instance, then answer; never 0x0000 for anything not stored."""
+        """EVT_C_STORE: file the instance, then answer; never 0x0000 for anything not stored.
+
+        The file is written and fsynced on a spool thread while this one parses and checks the
+        header (the I/O releases the GIL): the File Meta header needs only the UIDs of the
+        request, and a refused instance's temp file is deleted. The database transaction
+        starts when both are done, as before.
+        """
         state = self._states.get(event.assoc)
         calling = state.calling_ae if state else str(event.assoc.requestor.ae_title).strip()
         if state:
             state.requests += 1
         message_id = int(getattr(event.request, "MessageID", 0) or 0)
+        transfer_syntax = str(event.context.transfer_syntax)
+        encoded = event.request.DataSet.getvalue()
+        early = self._write_early(event, encoded, transfer_syntax)
         try:
-            encoded = event.request.DataSet.getvalue()
-            problem = parse_cost_problem(encoded) or encoding_problem(
-                encoded, str(event.context.transfer_syntax))
-            if problem:  # refused before pydicom spends seconds decoding it
-                raise InvalidInstance(problem)
-            ds = event.dataset
-            problem = integrity_problem(ds, str(event.context.transfer_syntax))
-            if problem:
-                raise InvalidInstance(problem)
-            header = InstanceHeader.from_dataset(ds)
-            if header.sop_class_uid != str(event.context.abstract_syntax):
-                raise InvalidInstance(
-                    f"SOPClassUID {header.sop_class_uid} differs from the negotiated "
-                    f"{event.context.abstract_syntax}")
-            requested = str(event.request.AffectedSOPInstanceUID or "")
-            if requested and requested != header.sop_instance_uid:
-                raise InvalidInstance(
-                    "SOPInstanceUID in the data set differs from AffectedSOPInstanceUID"
+            try:
+                header = self._checked_header(event, encoded, transfer_syntax)
+            except InvalidInstance as exc:
+                return self._fail(state, calling, Status.DATASET_MISMATCH, "invalid instance",
+                                  exc)
+            except Exception as exc:  # pydicom could not parse the data set
+                return self._fail(state, calling, Status.CANNOT_UNDERSTAND, "cannot parse", exc)
+            if early is not None and early[0] != (header.sop_class_uid, header.sop_instance_uid):
+                Spool.discard(early[1])  # written under UIDs the data set does not have
+                early = None
+            try:
+                # the header's UIDs: checked (ASCII, equal to the request's and the context's)
+                data = b"".join((part10_header(header.sop_class_uid, header.sop_instance_uid,
+                                               transfer_syntax), encoded))
+                written, early = (early[1] if early else None), None  # store_instance owns it
+                result = store_instance(
+                    factory=self.factory, spool=self.spool, header=header, data=data,
+                    written=written, transfer_syntax_uid=transfer_syntax, calling_ae=calling,
+                    association_id=state.row_id if state else None, message_id=message_id,
+                    patient_secret=self.patient_secret,
                 )
-        except InvalidInstance as exc:
-            return self._fail(state, calling, Status.DATASET_MISMATCH, "invalid instance", exc)
-        except Exception as exc:  # pydicom could not parse the data set
-            return self._fail(state, calling, Status.CANNOT_UNDERSTAND, "cannot parse", exc)
-        try:
-            # the header's UIDs: checked above (ASCII, equal to the request's and the context's)
-            data = b"".join((part10_header(header.sop_class_uid, header.sop_instance_uid,
-                                           str(event.context.transfer_syntax)), encoded))
-            result = store_instance(
-                factory=self.factory,
-                spool=self.spool,
-                header=header,
-                data=data,
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                calling_ae=calling,
-                association_id=state.row_id if state else None,
-                message_id=message_id,
-                patient_secret=self.patient_secret,
-            )
-        except Exception as exc:  # disk full, database down, ...: the sender must retry
-            log.exception("storing %s failed", header.sop_instance_uid)
-            return self._fail(
-                state, calling, Status.OUT_OF_RESOURCES, "store failed", exc,
-                sop_instance_uid=header.sop_instance_uid,
-                series_instance_uid=header.series_instance_uid,
-            )
+            except Exception as exc:  # disk full, database down, ...: the sender must retry
+                log.exception("storing %s failed", header.sop_instance_uid)
+                return self._fail(
+                    state, calling, Status.OUT_OF_RESOURCES, "store failed", exc,
+                    sop_instance_uid=header.sop_instance_uid,
+                    series_instance_uid=header.series_instance_uid,
+                )
+        finally:
+            if early is not None:
+                Spool.discard(early[1])
         if state:
             state.bytes += len(data)
             if result.action is StoreAction.CREATE:
@@ -341,6 +338,37 @@ class Receiver:
         if self._unrecorded:
             self._record_late()
         return Status.SUCCESS
+
+    def _write_early(self, event: Any, encoded: bytes, transfer_syntax: str
+                     ) -> tuple[tuple[str, str], Future[Path]] | None:
+        """Start writing the instance file under the request's UIDs, if they can be used."""
+        uids = (str(event.request.AffectedSOPClassUID or ""),
+                str(event.request.AffectedSOPInstanceUID or ""))
+        if not all(0 < len(u) <= 64 and u.isascii() and u.isprintable() for u in uids):
+            return None  # written after the checks, under the data set's own UIDs
+        data = b"".join((part10_header(*uids, transfer_syntax), encoded))
+        return uids, self.spool.write_tmp_soon(data)
+
+    @staticmethod
+    def _checked_header(event: Any, encoded: bytes, transfer_syntax: str) -> InstanceHeader:
+        """The instance's header; raises :class:`InvalidInstance` with the reason to refuse."""
+        problem = parse_cost_problem(encoded) or encoding_problem(encoded, transfer_syntax)
+        if problem:  # refused before pydicom spends seconds decoding it
+            raise InvalidInstance(problem)
+        ds = event.dataset
+        problem = integrity_problem(ds, transfer_syntax)
+        if problem:
+            raise InvalidInstance(problem)
+        header = InstanceHeader.from_dataset(ds)
+        if header.sop_class_uid != str(event.context.abstract_syntax):
+            raise InvalidInstance(
+                f"SOPClassUID {header.sop_class_uid} differs from the negotiated "
+                f"{event.context.abstract_syntax}")
+        requested = str(event.request.AffectedSOPInstanceUID or "")
+        if requested and requested != header.sop_instance_uid:
+            raise InvalidInstance(
+                "SOPInstanceUID in the data set differs from AffectedSOPInstanceUID")
+        return header
 
     def _record_late(self) -> None:
         """Record the refusals kept in memory while the database could not take them."""

@@ -25,7 +25,9 @@ import hashlib
 import math
 import os
 import re
+import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +179,8 @@ class Spool:
         self.fsync = fsync
         self.tmp = self.root / ".tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def relative_path(self, header: InstanceHeader) -> str:
         """Where an instance lives, relative to the root."""
@@ -202,6 +206,21 @@ class Spool:
                 tmp.unlink()
             raise
         return tmp
+
+    def write_tmp_soon(self, data: bytes) -> Future[Path]:
+        """:meth:`write_tmp` on a spool thread: the caller's work overlaps the write and its
+        fsync, which release the GIL. Pass the future to :func:`store_instance` or to
+        :meth:`discard`."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool")
+        return self._pool.submit(self.write_tmp, data)
+
+    @staticmethod
+    def discard(written: Future[Path]) -> None:
+        """Wait for a write from :meth:`write_tmp_soon` and delete its file (not filed)."""
+        with contextlib.suppress(Exception):
+            written.result().unlink(missing_ok=True)
 
     def commit_tmp(self, tmp: Path, relative: str) -> None:
         """Rename a fsynced temp file to ``relative`` and fsync the directory."""
@@ -256,6 +275,7 @@ def store_instance(
     spool: Spool,
     header: InstanceHeader,
     data: bytes,
+    written: Future[Path] | None = None,
     transfer_syntax_uid: str,
     calling_ae: str,
     association_id: int | None,
@@ -270,13 +290,21 @@ def store_instance(
     sha256 only adds a receipt; one with different content is kept under ``conflicts/``; the
     original is never overwritten.
 
+    ``written``, when given, is ``data`` already being written by :meth:`Spool.write_tmp_soon`
+    (the caller's parsing overlapped it); it is waited for before the transaction starts.
+
     Returns
     -------
     StoreResult
         The action taken, the checksum and the stored path (relative to the spool).
     """
-    sha = hashlib.sha256(data).hexdigest()
-    tmp = spool.write_tmp(data)
+    try:
+        sha = hashlib.sha256(data).hexdigest()
+    except BaseException:
+        if written is not None:
+            Spool.discard(written)
+        raise
+    tmp = written.result() if written is not None else spool.write_tmp(data)
     try:
         try:
             with write_connection(factory) as conn:
