@@ -325,29 +325,16 @@ def store_instance(
                 )
                 conn.execute(_INSERT_INSTANCE, dict(
                     sop_instance_uid=header.sop_instance_uid,
-                    sop_class_uid=header.sop_class_uid,
-                    series_id=series_id,
-                    transfer_syntax_uid=transfer_syntax_uid,
-                    calling_ae=calling_ae,
-                    association_id=association_id,
-                    bytes=len(data),
-                    sha256=sha,
-                    path=relative,
-                    instance_number=header.instance_number,
-                    position=header.position,
-                    orientation=header.orientation,
-                    received_at=now,
-                ))
+                    sop_class_uid=header.sop_class_uid, series_id=series_id,
+                    transfer_syntax_uid=transfer_syntax_uid, calling_ae=calling_ae,
+                    association_id=association_id, bytes=len(data), sha256=sha,
+                    path=relative, instance_number=header.instance_number,
+                    position=header.position, orientation=header.orientation,
+                    received_at=now))
                 conn.execute(_INSERT_RECEIPT, dict(
-                    association_id=association_id,
-                    message_id=message_id,
-                    sop_instance_uid=header.sop_instance_uid,
-                    sha256=sha,
-                    bytes=len(data),
-                    action=StoreAction.CREATE.value,
-                    dimse_status=0,
-                    received_at=now,
-                ))
+                    association_id=association_id, message_id=message_id,
+                    sop_instance_uid=header.sop_instance_uid, sha256=sha, bytes=len(data),
+                    action=StoreAction.CREATE.value, dimse_status=0, received_at=now))
                 # after the INSERT (see the module docstring)
                 spool.commit_tmp(tmp, relative)
                 return StoreResult(action=StoreAction.CREATE, sha256=sha, path=relative)
