@@ -26,6 +26,7 @@ import pydicom
 from dicomnode.demo.sample import write_phantom_ct
 from dicomnode.pipelines import get_pipeline, job_context
 from dicomnode.pipelines.base import resolve_device
+from dicomnode.pipelines.sr4zct import cpu_has_bf16
 from dicomnode.settings import parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,8 @@ def main() -> None:
     out = {
         "benchmark": "sr_series", "slices_in": args.slices, "matrix": 512,
         "slices_out": len(outputs), "target_thickness_mm": args.target_mm,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "bf16_convolutions": cpu_has_bf16()},
         "wall_s": wall, "timings_s": timings,
         "apply_s": timings.get("infer_s", 0.0) - timings.get("train_s", 0.0),
         "reference_read_series_s": read_reference,

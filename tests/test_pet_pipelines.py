@@ -61,6 +61,8 @@ def test_pet_denoise_keeps_units_and_suv(tmp_path: Path, name: str) -> None:
     assert f"chosen for the series' {voxel_mm(source.spacing):.2f} mm voxels" in \
         ds.ImageComments
     assert ds.ContributingEquipmentSequence[0].ManufacturerModelName == EXPECTED_MODEL[name]
+    # what it was validated on, and how it did against a filter there, travels with the output
+    assert "Validated on held-out" in ds.ImageComments and "Gaussian filter" in ds.ImageComments
     errors, _ = dciodvfy(paths[0])
     assert errors == []
     # the activity is where it was: the enhanced image correlates with the source

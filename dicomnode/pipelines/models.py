@@ -84,6 +84,9 @@ class Manifest(_M):
     weights: str = "model.pt"
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     trained_on: str
+    validated_on: str | None = Field(
+        default=None, description="Held-out data it was checked on and how it compared with "
+        "a simple baseline there, better or worse (said in every output it makes)")
     licence: str = "unspecified"
 
     @field_validator("input_level")

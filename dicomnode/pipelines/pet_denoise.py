@@ -160,8 +160,9 @@ def run(ctx: JobContext) -> list[OutputFile]:
     # training lineage, which can be long) in ImageComments and ContributingEquipment
     description = identity.label("Low-dose PET enhanced (DRMC)")
     details = (f"Model {m.name} {m.version} ({ctx.model_used['chosen']}); intensities via "
-               f"{how}{scaled}; units and SUV factors as the source. Model trained on "
-               f"{m.trained_on}")
+               f"{how}{scaled}; units and SUV factors as the source. "
+               + (f"Validated on {m.validated_on}. " if m.validated_on else "")
+               + f"Model trained on {m.trained_on}")
     outputs = save_outputs(build_derived_pet(values=(enhanced / factor).astype(np.float32),
                                              volume=volume, identity=identity,
                                              description=description, details=details),
