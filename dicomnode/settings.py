@@ -88,7 +88,8 @@ class NodeSettings(_Model):
     receive_processes: int | Literal["auto"] = Field(
         default="auto",
         description="Receiving processes sharing the port (SO_REUSEPORT), so that parallel "
-        "associations run on several cores; 'auto': one per core, at most 8.",
+        "associations do not share one interpreter lock; 'auto': one per core, at least 4 "
+        "and at most 16.",
     )
 
     @field_validator("receive_processes")
@@ -102,7 +103,9 @@ class NodeSettings(_Model):
     def receive_process_count(self) -> int:
         """``receive_processes`` resolved for this machine."""
         if self.receive_processes == "auto":
-            return max(1, min(os.cpu_count() or 1, 8))
+            # 4 associations on 2 cores: 3.85 s with 2 processes, 3.3 s with 4 or 8
+            # (docs/benchmarks.md, "Ingest")
+            return min(max(os.cpu_count() or 1, 4), 16)
         return int(self.receive_processes)
 
     max_pdu: int = Field(default=0, ge=0, description="Maximum PDU size offered; 0 = unlimited.")

@@ -215,7 +215,9 @@ def make_node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callab
         workdir.mkdir()
         config: dict[str, Any] = {
             "var_dir": str(workdir / "var"),
-            "node": {"port": free_port()},
+            # one receiving process: the shipped `auto` (4 or more) adds ~3 s to every start;
+            # test_reactor.py, the chaos rounds (bench/chaos.py) and the demo run `auto`
+            "node": {"port": free_port(), "receive_processes": 1},
             "database": {"url": db_url},
             "completion": {"quiet_period_s": 30, "max_wait_s": 600},
             "rules": [{"name": "ct", "match": {"Modality": {"equals": "CT"}},

@@ -36,7 +36,7 @@ def test_receive_processes_auto_is_one_per_core_and_bad_values_name_the_key() ->
 
     auto = parse_settings({}).node
     assert auto.receive_processes == "auto"
-    assert auto.receive_process_count == max(1, min(os.cpu_count() or 1, 8))
+    assert auto.receive_process_count == min(max(os.cpu_count() or 1, 4), 16)
     assert parse_settings({"node": {"receive_processes": 3}}).node.receive_process_count == 3
     for bad in (0, 65, "many"):
         with pytest.raises(ConfigError, match="receive_processes"):
