@@ -30,7 +30,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom import sop_class as _sop_class
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -503,11 +503,11 @@ def serving(
     ae = make_receiver_ae(settings)
     servers = []
     for port, context in listeners(settings):
-        extra = {"request_handler": FastRequestHandler} if settings.node.event_driven else {}
         server = ae.make_server((settings.node.host, port), evt_handlers=receiver.handlers(),
                                 ssl_context=context,
                                 server_class=ReusePortNodeServer if reuse_port else NodeServer,
-                                **extra)
+                                request_handler=(FastRequestHandler if settings.node.event_driven
+                                                 else RequestHandler))
         server.on_tls_refused = receiver.on_tls_refused  # type: ignore[attr-defined]
         ae._servers.append(server)  # so that server.shutdown() can unregister it
         threading.Thread(target=server.serve_forever, name=f"dicomnode-scp-{port}",

@@ -30,10 +30,10 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -52,7 +52,8 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # parameters are bound per call, so SQLAlchemy compiles each statement once (~1.5 ms per
 # instance measured), and the ORM's bulk-persistence layer, which these plain rows do not need,
 # is skipped (another ~2.5 ms per instance; docs/benchmarks.md, "Receive").
-_INSTANCES, _RECEIPTS, _SERIES = Instance.__table__, InstanceReceipt.__table__, Series.__table__
+_INSTANCES, _RECEIPTS, _SERIES = (cast(Table, m.__table__)
+                                  for m in (Instance, InstanceReceipt, Series))
 _INSERT_INSTANCE = insert(_INSTANCES)
 _INSERT_RECEIPT = insert(_RECEIPTS)
 _FIND_INSTANCE = select(_INSTANCES.c.sha256, _INSTANCES.c.path).where(
