@@ -308,13 +308,14 @@ class Receiver:
             except Exception as exc:  # pydicom could not parse the data set
                 return self._fail(state, calling, Status.CANNOT_UNDERSTAND, "cannot parse", exc)
             if early is not None and early[0] != (header.sop_class_uid, header.sop_instance_uid):
-                Spool.discard(early[1])  # written under UIDs the data set does not have
+                Spool.discard(early[2])  # written under UIDs the data set does not have
                 early = None
             try:
-                # the header's UIDs: checked (ASCII, equal to the request's and the context's)
-                data = b"".join((part10_header(header.sop_class_uid, header.sop_instance_uid,
-                                               transfer_syntax), encoded))
-                written, early = (early[1] if early else None), None  # store_instance owns it
+                # the bytes being written, or built now under the header's UIDs (checked:
+                # ASCII, equal to the request's and the context's)
+                data = early[1] if early else b"".join((part10_header(
+                    header.sop_class_uid, header.sop_instance_uid, transfer_syntax), encoded))
+                written, early = (early[2] if early else None), None  # store_instance owns it
                 result = store_instance(
                     factory=self.factory, spool=self.spool, header=header, data=data,
                     written=written, transfer_syntax_uid=transfer_syntax, calling_ae=calling,
@@ -330,7 +331,7 @@ class Receiver:
                 )
         finally:
             if early is not None:
-                Spool.discard(early[1])
+                Spool.discard(early[2])
         if state:
             state.bytes += len(data)
             if result.action is StoreAction.CREATE:
@@ -340,14 +341,15 @@ class Receiver:
         return Status.SUCCESS
 
     def _write_early(self, event: Any, encoded: bytes, transfer_syntax: str
-                     ) -> tuple[tuple[str, str], Future[Path]] | None:
-        """Start writing the instance file under the request's UIDs, if they can be used."""
+                     ) -> tuple[tuple[str, str], bytes, Future[Path]] | None:
+        """Start writing the instance file under the request's UIDs, if they can be used:
+        (those UIDs, the file's bytes, the write)."""
         uids = (str(event.request.AffectedSOPClassUID or ""),
                 str(event.request.AffectedSOPInstanceUID or ""))
         if not all(0 < len(u) <= 64 and u.isascii() and u.isprintable() for u in uids):
             return None  # written after the checks, under the data set's own UIDs
         data = b"".join((part10_header(*uids, transfer_syntax), encoded))
-        return uids, self.spool.write_tmp_soon(data)
+        return uids, data, self.spool.write_tmp_soon(data)
 
     @staticmethod
     def _checked_header(event: Any, encoded: bytes, transfer_syntax: str) -> InstanceHeader:
