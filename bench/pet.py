@@ -10,7 +10,9 @@ pet-denoise, for DRF 4 and 10:
   2 mm grid (the real phantoms' voxel size; seed 1002); reference: the full-dose
   reconstruction, with lesion masks for the SUV biases (lesions of at least 1 ml); every
   reconstruction post-filtered (4 mm).
-Methods: the low-dose input, a Gaussian filter (5 mm FWHM), DRMC (the shipped models, each
+Methods: the low-dose input, a Gaussian filter (5 mm FWHM, fixed beforehand), the validated
+Gaussian (its FWHM, 2-12 mm, chosen by mean PSNR on the other cases of the same kind at the same
+DRF, never on the case scored: leave one phantom out for the real phantoms), DRMC (the shipped models, each
 case denoised by the one the pipeline would choose for its voxel size, its input scaled into
 the model's training activity range as the pipeline does; the row says which, and the scale).
 Metrics: PSNR (data range: the reference's maximum), SSIM (3-D, Gaussian sigma 1.5), and in
@@ -72,6 +74,9 @@ MIN_LESION_VOXELS = 16
 # only, in 32^3 patches, stride 16)
 CT2PET_SEEDS = BENCH_PHANTOM_SEEDS[:3]
 REAL_COUNTS_PER_SLICE = 2e5  # lowdose_from_pet's default: the real raw counts are not in DICOM
+REAL_PHANTOMS = ("philips-gemini-ctac", "ge-advance-bigendian", "ge-signa-petmr-fdg")
+# the filter widths the validated Gaussian chooses between (FWHM, mm)
+GAUSS_FWHMS_MM = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0)
 SHIPPED_CT2PET_SAW = {**{s: "trained" for s in range(1, 6)}, 500: "chosen", 501: "chosen"}
 warnings.simplefilter("ignore")
 
@@ -152,6 +157,39 @@ def lesion_summary(rows: list[dict], method: str = "DRMC", baseline: str = "gaus
     return out
 
 
+def validated_gaussian_rows(cases: list[dict]) -> list[dict]:
+    """The best Gaussian filter without looking at the test series: for each case, the FWHM
+    (of ``GAUSS_FWHMS_MM``) with the highest mean PSNR over the *other* cases of the same kind
+    (real phantoms, or simulated cases) at the same DRF, then scored on the case itself.
+    ``cases``: dicts with kind, case, drf, low, ref, spacing, lesions, truth, extra and the
+    PSNR ``sweep`` per FWHM. A case with no other case of its kind and DRF gets no row."""
+    from dicomnode.research.simulate import gaussian_fwhm
+
+    rows = []
+    for c in cases:
+        others = [o for o in cases if o is not c and o["kind"] == c["kind"]
+                  and o["drf"] == c["drf"]]
+        if not others:
+            continue
+        fwhm = max(GAUSS_FWHMS_MM, key=lambda f: float(np.mean([o["sweep"][f] for o in others])))
+        img = gaussian_fwhm(c["low"], c["spacing"], fwhm)
+        row = {"case": c["case"], "drf": c["drf"], "method": "gaussian validated",
+               "psnr": psnr(img, c["ref"]), "ssim": ssim3d(img, c["ref"]), "fwhm_mm": fwhm,
+               "fwhm_chosen_on": sorted(o["case"] for o in others),
+               # the width that would have been best on this case itself (not used)
+               "fwhm_best_on_this_case": max(GAUSS_FWHMS_MM, key=lambda f: c["sweep"][f]),
+               **c["extra"]}
+        if c["lesions"] is not None:
+            row.update(lesion_bias(img, c["ref"], c["lesions"]))
+            if c["truth"] is not None:
+                row.update({f"{k}_vs_truth": v for k, v
+                            in lesion_bias(img, c["truth"], c["lesions"]).items()
+                            if k != "lesions"})
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
 def print_row(row: dict) -> None:
     """One results row on stdout as the run goes, rounded, without the per-lesion lists."""
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
@@ -227,6 +265,9 @@ def main() -> None:
                         help="counts per slice of the real phantoms' simulated low dose "
                              f"(default {REAL_COUNTS_PER_SLICE:g}); only the real phantoms "
                              "run, and their rows go to --out")
+    parser.add_argument("--real-phantom", choices=REAL_PHANTOMS, action="append", default=None,
+                        help="only this real phantom (repeated: several); with one, no "
+                             "validated Gaussian (it is chosen on the other phantoms)")
     parser.add_argument("--grid", type=float, action="append", default=None,
                         help="with --denoise-model: only the simulated cases on this PET grid "
                              "in mm (repeated: several), no real phantoms; a quicker screen "
@@ -285,6 +326,7 @@ def main() -> None:
                                  f"{e.manifest.trained_on})"
                                  for d, e in zip(args.denoise_model, denoise_entries, strict=True))
     rows = []
+    swept: list[dict] = []  # each case's Gaussian sweep, for the validated Gaussian
 
     def evaluate(case: str, drf: int, low: np.ndarray, ref: np.ndarray, spacing: tuple,
                  lesions: np.ndarray | None, truth: np.ndarray | None = None,
@@ -312,6 +354,11 @@ def main() -> None:
                 row["input_scale"] = round(scale, 4)
             rows.append(row)
             print_row(row)
+        swept.append({"kind": case.split(" ")[0], "case": case, "drf": drf, "low": low,
+                      "ref": ref, "spacing": spacing, "lesions": lesions, "truth": truth,
+                      "extra": extra or {},
+                      "sweep": {f: psnr(gaussian_fwhm(low, spacing, f), ref)
+                                for f in GAUSS_FWHMS_MM}})
 
     # simulated inputs are cached in WORK per version of the twin's code
     twin_code = hashlib.sha256(b"".join(
@@ -321,8 +368,8 @@ def main() -> None:
                 if args.only and args.denoise_model is None and RESULTS.exists() else {})
     out.update({k: v for k, v in previous.items()
                 if k in ("pet_denoise", "pet_denoise_lesions", "ct2pet")})
-    names = () if args.only == "ct2pet" or args.grid else (
-        "philips-gemini-ctac", "ge-advance-bigendian", "ge-signa-petmr-fdg")
+    names = () if args.only == "ct2pet" or args.grid else tuple(args.real_phantom
+                                                                 or REAL_PHANTOMS)
     for name in names:  # the reference read once, made low dose at every count level asked
         src = sorted(p for p in (DATA / "pet" / name).iterdir() if p.is_file())
         ref_vol = load_series(src)
@@ -367,6 +414,7 @@ def main() -> None:
             evaluate(f"simulated whole-body seed {seed} z {window[0]:.0f}-{window[1]:.0f} mm"
                      + ("" if pet_mm == PET_MM else f", {pet_mm:g} mm grid"),
                      drf, low, twin.full, twin.spacing, twin.lesions, twin.truth)
+    rows += validated_gaussian_rows(swept)
     if args.only != "ct2pet" and args.real_counts is None:
         out["pet_denoise_lesions"] = lesion_summary(rows)
         for summary in out["pet_denoise_lesions"]:
@@ -376,6 +424,7 @@ def main() -> None:
         out["command"] = ("python -m bench.pet "
                           + "".join(f"--denoise-model {d} " for d in args.denoise_model or ())
                           + "".join(f"--grid {g:g} " for g in args.grid or ())
+                          + "".join(f"--real-phantom {n} " for n in args.real_phantom or ())
                           + ("" if args.real_counts is None else
                              f"--real-counts {' '.join(f'{c:g}' for c in args.real_counts)} ")
                           + f"--out {args.out}")

@@ -42,3 +42,38 @@ def test_lesion_summary_pools_lesions_over_cases_and_pairs_methods_lesion_by_les
         wilcoxon([0.2] * 5, [0.1] * 5).pvalue)
     assert four["b_mean wilcoxon p"] < four["b_max wilcoxon p"]  # 5 of 5 worse vs 4 of 5 better
     assert by_grid["2 mm grid"]["lesions"] == 1
+
+
+def test_validated_gaussian_chooses_its_width_on_the_other_cases_never_on_the_scored_one() -> None:
+    """Three 'real' cases at DRF 4 whose PSNR sweeps peak at different widths: each case gets
+    the width best on average over the other two, not its own best; a simulated case and a
+    DRF 10 case have no other case of their kind and DRF, so they get no row."""
+    import numpy as np
+
+    from bench.pet import GAUSS_FWHMS_MM, validated_gaussian_rows
+
+    rng = np.random.default_rng(0)
+    ref = np.zeros((12, 12, 12), np.float32)
+    ref[4:8, 4:8, 4:8] = 1.0
+    low = (ref + rng.normal(0, 0.2, ref.shape)).astype(np.float32)
+
+    def case(name: str, best: float, kind: str = "real", drf: int = 4) -> dict:
+        sweep = {f: 30.0 - abs(f - best) for f in GAUSS_FWHMS_MM}
+        return {"kind": kind, "case": name, "drf": drf, "low": low, "ref": ref,
+                "spacing": (2.0, 2.0, 2.0), "lesions": None, "truth": None,
+                "extra": {"counts_per_slice": 1.0}, "sweep": sweep}
+
+    cases = [case("a", 2.0), case("b", 4.0), case("c", 12.0), case("s", 5.0, "simulated"),
+             case("d", 6.0, drf=10)]
+    rows = {r["case"]: r for r in validated_gaussian_rows(cases)}
+    assert set(rows) == {"a", "b", "c"}
+    # a: mean over b (peak 4) and c (peak 12) is flat between 4 and 12; the first such width
+    assert rows["a"]["fwhm_mm"] == 4.0 and rows["a"]["fwhm_best_on_this_case"] == 2.0
+    assert rows["b"]["fwhm_mm"] == 2.0 and rows["b"]["fwhm_chosen_on"] == ["a", "c"]
+    assert rows["c"]["fwhm_mm"] == 2.0 and rows["c"]["fwhm_best_on_this_case"] == 12.0
+    assert rows["a"]["method"] == "gaussian validated" and rows["a"]["counts_per_slice"] == 1.0
+    # the row's PSNR is the chosen filter's on the case itself
+    from bench.pet import psnr
+    from dicomnode.research.simulate import gaussian_fwhm
+
+    assert rows["b"]["psnr"] == psnr(gaussian_fwhm(low, (2.0, 2.0, 2.0), 2.0), ref)

@@ -202,6 +202,8 @@ def test_train_pet_denoise_cli_refuses_bad_validation_before_simulating(tmp_path
     assert r.returncode == 2 and "--count-scale" in r.stderr
     r = train("--pairs", "a:b", "--count-scale", "1", "16")
     assert r.returncode == 2 and "--count-scale" in r.stderr
+    r = train("--with-twin")  # mixes the twin with a site's pairs: none given
+    assert r.returncode == 2 and "--with-twin" in r.stderr
     r = train("--select", "b_max")  # SUVmax bias is scored on validation data
     assert r.returncode == 2 and "--select" in r.stderr
     r = train("--psnr-slack", "0.3", "--validation-cases", "1")

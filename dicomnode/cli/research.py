@@ -29,6 +29,10 @@ def train() -> None:
 @click.option("--seconds", default=180.0, show_default=True, help="Training time.")
 @click.option("--pairs", "pair_dirs", multiple=True, type=str,
               help="A site's own data instead: LOW_DIR:FULL_DIR pairs of DICOM PET folders.")
+@click.option("--with-twin", is_flag=True, default=False,
+              help="With --pairs: add --cases simulated twin cases to them (on the --pet-mm "
+                   "grids, --count-scale applying to these only); patches come from the site's "
+                   "pairs and from the twin's half of the time each.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--version", default="1.0.0", show_default=True, help="Model version to write.")
 @click.option("--processes", default=os.cpu_count() or 1, show_default=True,
@@ -77,7 +81,7 @@ def train() -> None:
 @click.option("--psnr-slack", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="With --select b_max: validation PSNR that may be given up, in dB.")
 def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], seconds: float,
-                      pair_dirs: tuple[str, ...], seed: int, version: str,
+                      pair_dirs: tuple[str, ...], with_twin: bool, seed: int, version: str,
                       processes: int, lesion_weight: float, init_dir: Path | None,
                       data_cache: Path | None, pet_mm: tuple[float, ...],
                       validation_cases: int, validation_seed: int,
@@ -105,7 +109,10 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
         if bounds and bounds[0] > bounds[1]:
             raise click.BadParameter(f"LOW {bounds[0]} above HIGH {bounds[1]}",
                                      param_hint=option)
-    if count_scale and pair_dirs:
+    if with_twin and not pair_dirs:
+        raise click.BadParameter("mixes the twin with a site's --pairs; without them the "
+                                 "training data is the twin's anyway", param_hint="--with-twin")
+    if count_scale and pair_dirs and not with_twin:
         raise click.BadParameter("a site's own pairs have the counts they were acquired with",
                                  param_hint="--count-scale")
     if set(validation_dirs) & set(pair_dirs):
@@ -128,10 +135,15 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
 
     if pair_dirs:
         pairs, source = site_pet_pairs(list(pair_dirs))
-    else:
-        pairs, source = cached_pairs(data_cache, lambda: simulated_pet_pairs(
+    if not pair_dirs or with_twin:
+        twin, twin_source = cached_pairs(data_cache, lambda: simulated_pet_pairs(
             cases=cases, drfs=drfs, seed=seed, processes=processes, pet_mm=pet_mm or None,
             count_scale=count_scale or None))
+        if not pair_dirs:
+            pairs, source = twin, twin_source
+        else:  # the site's pairs repeated so that they are drawn half of the time
+            pairs = pairs * max(1, round(len(twin) / len(pairs))) + twin
+            source = f"{source}, drawn half of the time, mixed with {twin_source}"
     click.echo(f"{len(pairs)} training pairs: {source}")
     validation = None
     if validation_dirs:
@@ -144,7 +156,9 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
                                         processes=processes, pet_mm=pet_mm or None, lidc=False,
                                         count_scale=count_scale or None))
     if validation_dirs or validation_cases:
-        validation = validation_windows(held, seed=seed)
+        # a site's series may be short (35 slices): smaller windows, more of them
+        validation = (validation_windows(held, seed=seed, size=16, random_per_pair=64)
+                      if validation_dirs else validation_windows(held, seed=seed))
         click.echo(f"{len(held)} validation pairs ({len(validation)} windows): {held_source}")
         held_what = ("site pairs" if validation_dirs else "twin phantom seeds "
                      f"{validation_seed}-{validation_seed + validation_cases - 1}")
@@ -167,7 +181,8 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
                        seed=seed, version=version, lesion_weight=lesion_weight,
                        init=init_dir, validation=validation, validate_every=validate_every,
                        on_checkpoint=checkpoint,
-                       spacing_mm=grids[0] if not pair_dirs and len(grids) == 1 else None,
+                       spacing_mm=(grids[0] if (not pair_dirs or with_twin) and len(grids) == 1
+                                   else None),
                        scale_augment=scale_augment or None, peak_weight=peak_weight,
                        select=select, psnr_slack=psnr_slack, lr=lr)
     click.echo(f"trained {stats['iterations']} iterations in {stats['seconds']:.0f} s; "

@@ -192,7 +192,7 @@ def train(inputs: np.ndarray, targets: np.ndarray, *, budget: SRBudget, device: 
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         it += 1
         if progress and it % 20 == 0:
             progress(it / budget.iterations)
