@@ -20,6 +20,48 @@ def train() -> None:
     """Train the models that need paired data (on simulated data or a site's own pairs)."""
 
 
+def _refuse_bad_pet_denoise_options(
+        *, cases: int, pair_dirs: tuple[str, ...], with_twin: bool, seed: int,
+        validation_cases: int, validation_seed: int, validation_dirs: tuple[str, ...],
+        scale_augment: tuple[float, float] | None, count_scale: tuple[float, float] | None,
+        select: str, psnr_slack: float) -> None:
+    """``train pet-denoise``'s option combinations that make no sense, refused naming the
+    option (click.BadParameter), before anything is read or simulated."""
+    from dicomnode.research.training import validation_seeds_taken
+
+    if validation_dirs and not pair_dirs:
+        raise click.BadParameter("validation pairs go with --pairs (simulated training data "
+                                 "validates on --validation-cases)",
+                                 param_hint="--validation-pairs")
+    for option, bounds in (("--scale-augment", scale_augment), ("--count-scale", count_scale)):
+        if bounds and bounds[0] > bounds[1]:
+            raise click.BadParameter(f"LOW {bounds[0]} above HIGH {bounds[1]}",
+                                     param_hint=option)
+    if with_twin and not pair_dirs:
+        raise click.BadParameter("mixes the twin with a site's --pairs; without them the "
+                                 "training data is the twin's anyway", param_hint="--with-twin")
+    if count_scale and pair_dirs and not with_twin:
+        raise click.BadParameter("a site's own pairs have the counts they were acquired with",
+                                 param_hint="--count-scale")
+    if set(validation_dirs) & set(pair_dirs):
+        raise click.BadParameter(f"{sorted(set(validation_dirs) & set(pair_dirs))} also in "
+                                 "--pairs", param_hint="--validation-pairs")
+    if select == "b_max" and not (validation_cases or validation_dirs):
+        raise click.BadParameter("the SUVmax bias is scored on validation data: give "
+                                 "--validation-cases or --validation-pairs",
+                                 param_hint="--select")
+    if psnr_slack and select != "b_max":
+        raise click.BadParameter("goes with --select b_max", param_hint="--psnr-slack")
+    if pair_dirs and validation_cases:
+        raise click.BadParameter("with --pairs, validate on --validation-pairs",
+                                 param_hint="--validation-cases")
+    taken = validation_seeds_taken(cases=cases, seed=seed, validation_seed=validation_seed,
+                                   validation_cases=validation_cases)
+    if taken:
+        raise click.BadParameter(f"phantom seeds {taken} are training or benchmark phantoms",
+                                 param_hint="--validation-seed")
+
+
 @train.command("pet-denoise")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
               help="Model directory to write (e.g. models/pet-denoise-drmc).")
@@ -97,41 +139,14 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
         cached_pairs,
         simulated_pet_pairs,
         site_pet_pairs,
-        validation_seeds_taken,
     )
 
     # refused before anything is read or simulated
-    if validation_dirs and not pair_dirs:
-        raise click.BadParameter("validation pairs go with --pairs (simulated training data "
-                                 "validates on --validation-cases)",
-                                 param_hint="--validation-pairs")
-    for option, bounds in (("--scale-augment", scale_augment), ("--count-scale", count_scale)):
-        if bounds and bounds[0] > bounds[1]:
-            raise click.BadParameter(f"LOW {bounds[0]} above HIGH {bounds[1]}",
-                                     param_hint=option)
-    if with_twin and not pair_dirs:
-        raise click.BadParameter("mixes the twin with a site's --pairs; without them the "
-                                 "training data is the twin's anyway", param_hint="--with-twin")
-    if count_scale and pair_dirs and not with_twin:
-        raise click.BadParameter("a site's own pairs have the counts they were acquired with",
-                                 param_hint="--count-scale")
-    if set(validation_dirs) & set(pair_dirs):
-        raise click.BadParameter(f"{sorted(set(validation_dirs) & set(pair_dirs))} also in "
-                                 "--pairs", param_hint="--validation-pairs")
-    if select == "b_max" and not (validation_cases or validation_dirs):
-        raise click.BadParameter("the SUVmax bias is scored on validation data: give "
-                                 "--validation-cases or --validation-pairs",
-                                 param_hint="--select")
-    if psnr_slack and select != "b_max":
-        raise click.BadParameter("goes with --select b_max", param_hint="--psnr-slack")
-    if pair_dirs and validation_cases:
-        raise click.BadParameter("with --pairs, validate on --validation-pairs",
-                                 param_hint="--validation-cases")
-    taken = validation_seeds_taken(cases=cases, seed=seed, validation_seed=validation_seed,
-                                   validation_cases=validation_cases)
-    if taken:
-        raise click.BadParameter(f"phantom seeds {taken} are training or benchmark phantoms",
-                                 param_hint="--validation-seed")
+    _refuse_bad_pet_denoise_options(
+        cases=cases, pair_dirs=pair_dirs, with_twin=with_twin, seed=seed,
+        validation_cases=validation_cases, validation_seed=validation_seed,
+        validation_dirs=validation_dirs, scale_augment=scale_augment, count_scale=count_scale,
+        select=select, psnr_slack=psnr_slack)
 
     if pair_dirs:
         pairs, source = site_pet_pairs(list(pair_dirs))
