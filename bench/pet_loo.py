@@ -81,8 +81,9 @@ def main() -> None:
                               "start_model": str(SHIPPED.relative_to(ROOT)),
                               "seconds_per_fold": args.seconds, "twin_cases": args.cases,
                               "command": f"python -m bench.pet_loo --seconds {args.seconds:g} "
-                                         f"--cases {args.cases}", "folds": []}
+                                         f"--cases {args.cases}"}
     py = sys.executable
+    done: list[dict] = []
     for test in args.fold or REAL_PHANTOMS:
         trained, chosen = FOLDS[test]
         model = WORK / "loo" / f"pet-denoise-loo-{test}"
@@ -112,7 +113,11 @@ def main() -> None:
                 "rows": [{k: v for k, v in r.items() if k != "model"}
                          | ({"model": f"fold model (trained on {trained}, chosen on {chosen})"}
                             if r["method"] == "DRMC" else {}) for r in rows]}
-        out["folds"].append(fold)  # type: ignore[union-attr]
+        # a fold run alone (--fold) replaces its earlier result and keeps the others'
+        earlier = json.loads(RESULTS.read_text())["folds"] if RESULTS.exists() else []
+        folds = [f for f in earlier if f["test"] != test and f["test"] not in done] + done + [fold]
+        done.append(fold)
+        out["folds"] = sorted(folds, key=lambda f: REAL_PHANTOMS.index(f["test"]))
         write_json(RESULTS, out)
 
 
