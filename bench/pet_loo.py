@@ -15,7 +15,7 @@ low-dose input, the 5 mm Gaussian and the validated Gaussian (its width chosen o
 two phantoms; ``bench.pet``). Each phantom trains one fold, chooses for one and is tested in
 one. Results: ``bench/results/pet-loo.json`` (training statistics per fold and every row).
 
-Run: ``.venv/bin/python -m bench.pet_loo [--seconds 480] [--cases 2]``. The twin's cases are
+Run: ``.venv/bin/python -m bench.pet_loo [--seconds 720] [--cases 2]``. The twin's cases are
 simulated once into bench/work (about 5 min a case on 2 cores); ``--seconds`` is each fold's
 training budget (validation included).
 """
@@ -70,10 +70,10 @@ def run(cmd: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=480.0,
+    parser.add_argument("--seconds", type=float, default=720.0,
                         help="training budget of each fold, validation included")
     parser.add_argument("--cases", type=int, default=2, help="simulated twin cases mixed in")
-    parser.add_argument("--validate-every", type=float, default=90.0)
+    parser.add_argument("--validate-every", type=float, default=150.0)
     parser.add_argument("--fold", choices=REAL_PHANTOMS, action="append", default=None,
                         help="only the fold testing this phantom (repeated: several)")
     args = parser.parse_args()
@@ -115,9 +115,10 @@ def main() -> None:
                             if r["method"] == "DRMC" else {}) for r in rows]}
         # a fold run alone (--fold) replaces its earlier result and keeps the others'
         earlier = json.loads(RESULTS.read_text())["folds"] if RESULTS.exists() else []
-        folds = [f for f in earlier if f["test"] != test and f["test"] not in done] + done + [fold]
         done.append(fold)
-        out["folds"] = sorted(folds, key=lambda f: REAL_PHANTOMS.index(f["test"]))
+        ran = {f["test"] for f in done}
+        out["folds"] = sorted([f for f in earlier if f["test"] not in ran] + done,
+                              key=lambda f: REAL_PHANTOMS.index(f["test"]))
         write_json(RESULTS, out)
 
 

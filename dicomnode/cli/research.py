@@ -172,7 +172,7 @@ def train_pet_denoise(output_dir: Path, cases: int, drfs: tuple[int, ...], secon
                                         count_scale=count_scale or None))
     if validation_dirs or validation_cases:
         # a site's series may be short (35 slices): smaller windows, more of them
-        validation = (validation_windows(held, seed=seed, size=16, random_per_pair=64)
+        validation = (validation_windows(held, seed=seed, size=16, random_per_pair=32)
                       if validation_dirs else validation_windows(held, seed=seed))
         click.echo(f"{len(held)} validation pairs ({len(validation)} windows): {held_source}")
         held_what = ("site pairs" if validation_dirs else "twin phantom seeds "
