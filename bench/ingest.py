@@ -5,7 +5,10 @@ and over 4 parallel associations. Every run starts its receiver with empty stora
 runs the shipped default config (``config/dicomnode.yaml``: its rules, fsync and audit rows;
 only the ports and var_dir are changed), and beside it the variants that show what each
 receive-path choice is worth: pynetdicom's own polling reactors (``node.event_driven: false``)
-and one receiving process. The median wall time of several runs and the ratios against
+and one receiving process. Each node is sent to once ``/healthz`` says its workers have started
+(a node runs for months; their start-up, importing torch, is not receiving), and one variant is
+sent to as soon as it listens, to show what that start-up costs a sender who comes at once.
+The median wall time of several runs and the ratios against
 storescp and Orthanc go to ``bench/results/ingest.json``, with completion latency (sender's
 association closed -> series complete) and, from one more timed run of the default node, where
 the time goes per instance.
@@ -113,8 +116,9 @@ class NodeTarget:
     """dicomnode on the shipped config; ``node`` overrides keys of its ``node:`` section."""
 
     def __init__(self, name: str = "dicomnode", node: dict[str, object] | None = None,
-                 breakdown: Path | None = None) -> None:
+                 breakdown: Path | None = None, *, wait_workers: bool = True) -> None:
         self.name, self.node, self.breakdown = name, node or {}, breakdown
+        self.wait_workers = wait_workers
 
     def start(self, work: Path) -> int:
         from dicomnode.settings import default_config_path
@@ -138,7 +142,26 @@ class NodeTarget:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError((work / "node.log").read_text()[-2000:])
             time.sleep(0.1)
+        if self.wait_workers:
+            self._wait_workers_ready(cfg["http"]["port"], deadline)
         return port
+
+    def _wait_workers_ready(self, http_port: int, deadline: float) -> None:
+        """Until /healthz says the workers have started: a node runs for months, and its
+        workers' start (importing torch, about 1 s of CPU on both cores) is not receiving.
+        Orthanc, too, is measured once it has started."""
+        import urllib.request
+
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz",
+                                            timeout=5) as resp:
+                    if json.loads(resp.read()).get("workers") == "ready":
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the node's workers never reported ready")
 
     def aec(self) -> str:
         return "DICOMNODE"
@@ -217,7 +240,8 @@ def main() -> None:
     latencies: list[float] = []
     for parallel, parts in layouts.items():
         targets = [StoreSCP(parallel), OrthancTarget(), NodeTarget(),
-                   NodeTarget("dicomnode, polling reactors", {"event_driven": False})]
+                   NodeTarget("dicomnode, polling reactors", {"event_driven": False}),
+                   NodeTarget("dicomnode, sent while its workers start", wait_workers=False)]
         if parallel > 1:
             targets.append(NodeTarget("dicomnode, 1 process", {"receive_processes": 1}))
         times_by: dict[str, list[float]] = {t.name: [] for t in targets}

@@ -4,9 +4,10 @@ A generated chest phantom CT of 300 slices of 512 x 512 (2.5 mm apart, 5 mm thic
 acquisition) goes through the ``ct-sr`` pipeline exactly as a node job runs it (read, train
 SR4ZCT on the series, apply, write the derived DICOM series), with the shipped settings and the
 output thickness given by ``--target-mm`` (default 1.25 mm). Written to
-``bench/results/sr_series.json``: wall time, training iterations and the read / train / apply /
-write split, and the time the ingest-side reference needs (reading the series with pydicom) so
-that the figure can be compared on another machine.
+``bench/results/sr_series.json``, one entry per kind of CPU (bfloat16 convolutions or float32;
+a run replaces only its own kind's entry): wall time, training iterations and the read / train /
+apply / write split, and the time the ingest-side reference needs (reading the series with
+pydicom) so that the figure can be compared on another machine.
 
 Run: ``.venv/bin/python -m bench.sr_series [--slices 300] [--target-mm 1.25]``.
 """
@@ -71,7 +72,10 @@ def main() -> None:
         "command": f"python -m bench.sr_series --slices {args.slices} "
                    f"--target-mm {args.target_mm}",
     }
-    RESULTS.write_text(json.dumps(out, indent=2))
+    kind = "bfloat16 convolutions" if cpu_has_bf16() else "float32 convolutions"
+    runs = json.loads(RESULTS.read_text()).get("runs_by_cpu", {}) if RESULTS.exists() else {}
+    runs[kind] = out
+    RESULTS.write_text(json.dumps({"benchmark": "sr_series", "runs_by_cpu": runs}, indent=2))
     print(json.dumps(out, indent=2))
     shutil.rmtree(WORK, ignore_errors=True)
 

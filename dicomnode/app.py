@@ -274,7 +274,8 @@ class Node:
             )
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """``/healthz``: the database answers, every receiver listens, the disk has room."""
+        """``/healthz``: the database answers, every receiver listens, the disk has room; it
+        also says whether the local workers have started (not part of ``healthy``)."""
         checks: dict[str, Any] = {}
         try:
             with self.factory() as session:
@@ -288,6 +289,11 @@ class Node:
         free = disk_low(self.settings.var_dir, self.settings.node.min_free_disk_mb)
         checks["disk"] = "ok" if free is None else \
             f"{free:.0f} MB free, below node.min_free_disk_mb"
+        if self.executor.claims_locally:
+            # starting workers (importing torch) do not make the node unhealthy: receiving
+            # does not wait for them, and their jobs wait in the queue
+            total, ready = self.settings.executor.workers, self.executor.ready()
+            checks["workers"] = "ready" if ready >= total else f"{ready} of {total} ready"
         healthy = checks["database"] == "ok" and listening and free is None
         return healthy, checks
 

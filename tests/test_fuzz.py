@@ -68,3 +68,16 @@ def test_malformed_corpus_each_answered_recorded_and_the_node_stays_up(
     print(f"fuzz corpus: {len(entries)} distinct malformed inputs; {len(stored)} stored whole, "
           f"{len(failed)} refused with an audit event "
           f"({dict(Counter(answers[n] for n in failed))}), {len(unsent)} not sendable")
+
+
+def test_the_sequence_item_count_is_skipped_only_where_too_many_items_cannot_fit() -> None:
+    """An item takes at least 8 bytes: a body of 8 * MAX_SEQUENCE_ITEMS bytes is not counted
+    (a CT slice is not scanned), one item more is, and is refused."""
+    from dicomnode.node.integrity import MAX_SEQUENCE_ITEMS, parse_cost_problem
+
+    item = b"\xfe\xff\x00\xe0\x00\x00\x00\x00"
+    assert parse_cost_problem(item * MAX_SEQUENCE_ITEMS) is None
+    problem = parse_cost_problem(item * (MAX_SEQUENCE_ITEMS + 1))
+    assert problem is not None and f"{MAX_SEQUENCE_ITEMS + 1} sequence items" in problem
+    # a large body with few items passes the count
+    assert parse_cost_problem(item * 10 + bytes(8 * MAX_SEQUENCE_ITEMS)) is None

@@ -65,6 +65,9 @@ def test_metrics_count_what_happened(make_node, orthanc_factory, tmp_path: Path)
     pacs = orthanc_factory().start()
     node = _pipeline_node(make_node, pacs)
     http = node.config["http"]["port"]
+    # the worker reports itself once it has loaded torch; until then /healthz says how many
+    wait_for(lambda: json.loads(_get(http, "/healthz")[1]).get("workers") == "ready",
+             timeout=60)
     before = _metrics(http)
     assert before[("dicomnode_database_up", ())] == 1
     assert before.get(("dicomnode_instances_received_total", (("action", "create"),)), 0) == 0

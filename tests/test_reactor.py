@@ -153,3 +153,24 @@ def test_files_written_while_checking_are_deleted_when_the_instance_is_refused(
     with node.session() as s:
         assert [row.sop_instance_uid for row in s.execute(select(Instance)).scalars()] \
             == [str(ds.SOPInstanceUID)]
+
+
+def test_each_association_gets_its_own_contexts_without_a_deep_copy() -> None:
+    """SharedContexts: what pynetdicom deep-copies per association is copied per context
+    (its own transfer syntax list) with the immutable UIDs shared, and holds the same."""
+    import copy
+
+    from dicomnode.dicom.reactor import SharedContexts
+    from dicomnode.node.receive import make_receiver_ae
+
+    server = make_receiver_ae(parse_settings({})).supported_contexts
+    shared = SharedContexts(server)
+    mine = copy.deepcopy(shared)  # what pynetdicom's request handler calls
+    assert [(c.abstract_syntax, c.transfer_syntax, c.scu_role, c.scp_role) for c in mine] == \
+        [(c.abstract_syntax, c.transfer_syntax, c.scu_role, c.scp_role) for c in server]
+    assert all(a is not b and a._transfer_syntax is not b._transfer_syntax
+               for a, b in zip(mine, server, strict=True))
+    before = list(server[0].transfer_syntax)
+    mine[0]._transfer_syntax.append(mine[0].transfer_syntax[0])
+    mine[0].context_id = 99
+    assert server[0].transfer_syntax == before and server[0].context_id != 99

@@ -15,17 +15,21 @@ Here the same loops wait on what they wait for instead:
   abort are still noticed promptly);
 * the socket reads a whole PDU with ``recv_into`` into one buffer;
 * pynetdicom's per-message logging handlers are unbound (they decode each command set to
-  format log lines; the audit trail records every store).
+  format log lines; the audit trail records every store);
+* :class:`SharedContexts`: each new association gets its own copy of the server's supported
+  presentation contexts without ``deepcopy`` re-validating every UID (171 contexts with 7695
+  transfer syntaxes: 135 ms of CPU per association, 1.2 ms now). It applies to both reactors.
 
 The loops are pynetdicom's own, copied with only those waits changed, and they are pinned to
 the pynetdicom version in ``pyproject.toml``; ``tests/test_reactor.py`` runs the node's receive
-path with and without them. docs/benchmarks.md ("Receive") has what each saves. All three are
+path with and without them. docs/benchmarks.md ("Receive") has what each saves. All of them are
 candidates for upstream.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import queue
 import select
@@ -45,7 +49,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-__all__ = ["FastRequestHandler", "accelerate"]
+__all__ = ["FastRequestHandler", "SharedContexts", "accelerate"]
 
 _TIMER_CHECK_S = 0.05  # the DUL's ARTIM timer and kill flag are looked at least this often
 _DIMSE_WAIT_S = 0.005  # the association reactor looks for release / abort this often
@@ -246,3 +250,21 @@ class FastRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         return accelerate(super()._create_association())
+
+
+class SharedContexts(list):  # type: ignore[type-arg]
+    """A server's supported presentation contexts, copied cheaply for each association.
+
+    pynetdicom gives every association ``deepcopy(server.contexts)`` so that no association
+    can change another's contexts. UIDs are immutable strings: sharing them is as safe, and a
+    deep copy re-validates every one with a regular expression. Here each context is copied
+    with its own transfer syntax list, and the UIDs are shared.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        out = []
+        for context in self:
+            twin = copy.copy(context)
+            twin._transfer_syntax = list(context._transfer_syntax)  # noqa: SLF001
+            out.append(twin)
+        return out

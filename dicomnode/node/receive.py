@@ -38,7 +38,7 @@ from dicomnode.audit.db import transaction
 from dicomnode.audit.events import AuditEventID, Outcome, record_event
 from dicomnode.audit.models import Association, utcnow
 from dicomnode.dicom.net import VERIFICATION, set_nodelay
-from dicomnode.dicom.reactor import FastRequestHandler
+from dicomnode.dicom.reactor import FastRequestHandler, SharedContexts
 from dicomnode.dicom.tls import server_context
 from dicomnode.files import disk_low
 from dicomnode.node.integrity import encoding_problem, integrity_problem, parse_cost_problem
@@ -511,6 +511,7 @@ def serving(
                                 request_handler=(FastRequestHandler if settings.node.event_driven
                                                  else RequestHandler))
         server.on_tls_refused = receiver.on_tls_refused  # type: ignore[attr-defined]
+        server.contexts = SharedContexts(server.contexts)
         ae._servers.append(server)  # so that server.shutdown() can unregister it
         threading.Thread(target=server.serve_forever, name=f"dicomnode-scp-{port}",
                          daemon=True).start()

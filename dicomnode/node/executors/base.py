@@ -43,3 +43,8 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def alive(self) -> int:
         """How many workers are running."""
+
+    def ready(self) -> int:
+        """How many workers are running and ready to take a job (by default: the running
+        ones)."""
+        return self.alive()

@@ -24,7 +24,8 @@ __all__ = ["LocalExecutor"]
 log = logging.getLogger(__name__)
 
 
-def _worker_main(settings_data: dict[str, Any], index: int, stop: Any, parent: int) -> None:
+def _worker_main(settings_data: dict[str, Any], index: int, stop: Any, parent: int,
+                 ready: Any = None) -> None:
     from dicomnode.audit.db import make_engine, make_sessionmaker
     from dicomnode.node.executors.worker import work_loop
 
@@ -34,7 +35,7 @@ def _worker_main(settings_data: dict[str, Any], index: int, stop: Any, parent: i
     owner = f"{socket.gethostname()}:{os.getpid()}:w{index}"
     try:
         work_loop(settings=settings, factory=make_sessionmaker(engine), owner=owner, stop=stop,
-                  parent_pid=parent)
+                  parent_pid=parent, ready=ready)
     finally:
         engine.dispose()
 
@@ -48,11 +49,17 @@ class LocalExecutor(Executor):
         self._ctx = mp.get_context("spawn")
         self._stop = self._ctx.Event()
         self._procs: list[BaseProcess] = []
+        self._ready: list[Any] = []
 
     def _spawn(self, index: int) -> BaseProcess:
+        ready = self._ctx.Event()
+        if index < len(self._ready):
+            self._ready[index] = ready
+        else:
+            self._ready.append(ready)
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(self.settings.model_dump(mode="json"), index, self._stop, os.getpid()),
+            args=(self.settings.model_dump(mode="json"), index, self._stop, os.getpid(), ready),
             name=f"dicomnode-worker-{index}", daemon=True,
         )
         proc.start()
@@ -86,3 +93,9 @@ class LocalExecutor(Executor):
 
     def alive(self) -> int:  # noqa: D102
         return sum(p.is_alive() for p in self._procs)
+
+    def ready(self) -> int:
+        """How many workers are alive and have loaded what they need (torch: several seconds
+        of CPU after a start, which a node receiving at once shares with its receivers)."""
+        return sum(p.is_alive() and r.is_set()
+                   for p, r in zip(self._procs, self._ready, strict=True))

@@ -253,10 +253,16 @@ def _record_success(
 
 def work_loop(
     *, settings: Settings, factory: sessionmaker[Session], owner: str, stop: Any,
-    parent_pid: int | None = None,
+    parent_pid: int | None = None, ready: Any = None,
 ) -> None:
-    """Claim and run jobs until ``stop`` is set (or the node process that started us is gone)."""
+    """Claim and run jobs until ``stop`` is set (or the node process that started us is gone).
+
+    ``ready`` (an event), when given, is set once the device is resolved (torch imported):
+    the node's ``/healthz`` reports the worker ready from then on.
+    """
     device = resolve_device(settings.executor.device)
+    if ready is not None:
+        ready.set()
     while not stop.is_set():
         if parent_pid is not None and os.getppid() != parent_pid:
             log.warning("node process %s is gone; worker exiting", parent_pid)
