@@ -72,7 +72,7 @@ def main() -> None:
         "command": f"python -m bench.sr_series --slices {args.slices} "
                    f"--target-mm {args.target_mm}",
     }
-    kind = "bfloat16 convolutions" if cpu_has_bf16() else "float32 convolutions"
+    kind = ("bfloat16" if out["machine"]["bf16_convolutions"] else "float32") + " convolutions"
     runs = json.loads(RESULTS.read_text()).get("runs_by_cpu", {}) if RESULTS.exists() else {}
     runs[kind] = out
     RESULTS.write_text(json.dumps({"benchmark": "sr_series", "runs_by_cpu": runs}, indent=2))

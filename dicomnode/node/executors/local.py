@@ -49,19 +49,15 @@ class LocalExecutor(Executor):
         self._ctx = mp.get_context("spawn")
         self._stop = self._ctx.Event()
         self._procs: list[BaseProcess] = []
-        self._ready: list[Any] = []
 
     def _spawn(self, index: int) -> BaseProcess:
         ready = self._ctx.Event()
-        if index < len(self._ready):
-            self._ready[index] = ready
-        else:
-            self._ready.append(ready)
         proc = self._ctx.Process(
             target=_worker_main,
             args=(self.settings.model_dump(mode="json"), index, self._stop, os.getpid(), ready),
             name=f"dicomnode-worker-{index}", daemon=True,
         )
+        proc.dicomnode_ready = ready  # type: ignore[attr-defined]  # set by the worker
         proc.start()
         return proc
 
@@ -97,5 +93,5 @@ class LocalExecutor(Executor):
     def ready(self) -> int:
         """How many workers are alive and have loaded what they need (torch: several seconds
         of CPU after a start, which a node receiving at once shares with its receivers)."""
-        return sum(p.is_alive() and r.is_set()
-                   for p, r in zip(self._procs, self._ready, strict=True))
+        return sum(p.is_alive() and p.dicomnode_ready.is_set()  # type: ignore[attr-defined]
+                   for p in self._procs)
