@@ -68,10 +68,12 @@ def test_rules() -> None:
     assert not r["pet"].matched and "Modality='CT'" in r["pet"].reason
 
 
-def test_sweep_rereads_slice_positions_only_when_a_series_changed(tmp_path) -> None:
-    """The completion sweep runs every 0.5 s over every receiving series: it re-reads a
-    series' slice positions only after that series received something, and forgets series
-    that are no longer receiving."""
+def test_sweep_reads_slice_positions_only_when_they_can_decide_and_have_changed(
+        tmp_path) -> None:
+    """The completion sweep runs every 0.5 s over every receiving series: while a sender is
+    still connected (and no wait has run out) it does not read the slice positions at all;
+    once the check can decide, it re-reads them only after the series received something, and
+    it forgets series that are no longer receiving."""
     from sqlalchemy import event
 
     from dicomnode.audit.db import make_engine, make_sessionmaker, migrate, transaction
@@ -88,11 +90,11 @@ def test_sweep_rereads_slice_positions_only_when_a_series_changed(tmp_path) -> N
                  if "instance.position" in stmt else None)
     settings = parse_settings({"var_dir": str(tmp_path / "var"), "database": {"url": url}})
 
-    def add_instance(s, series: Series, assoc: Association, k: int) -> None:
+    def add_instance(s, series: Series, assoc: Association, k: int, z: float) -> None:
         s.add(Instance(sop_instance_uid=f"1.2.3.{k}", sop_class_uid="1.2", series_id=series.id,
                        transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="M",
                        association_id=assoc.id, bytes=1, sha256="0" * 64, path=f"p{k}",
-                       position=[0.0, 0.0, float(k)], orientation=AX))
+                       position=[0.0, 0.0, z], orientation=AX))
         series.instance_count += 1
         series.last_received_at = datetime.now(UTC)
 
@@ -103,18 +105,23 @@ def test_sweep_rereads_slice_positions_only_when_a_series_changed(tmp_path) -> N
                         state=SeriesState.RECEIVING, instance_count=0)
         s.add_all([assoc, series])
         s.flush()
-        for k in range(3):
-            add_instance(s, series, assoc, k)
+        for k, z in enumerate((0.0, 1.0, 2.0, 5.0)):  # a gap: the check will refuse it
+            add_instance(s, series, assoc, k, z)
         sid, aid = series.id, assoc.id
     asm = Assembler(settings=settings, factory=factory)
     asm._rules_cache[sid] = []  # no rule reads a header from the (absent) spool file
-    assert asm.sweep() == [] and len(reads) == 1
+    assert asm.sweep() == [] and asm.sweep() == [] and reads == []
+    with transaction(factory) as s:  # the sender releases: now the check decides
+        s.get(Association, aid).ended_at = datetime.now(UTC)
+        s.get(Association, aid).end_reason = "released"
+    assert asm.sweep() == [] and len(reads) == 1  # the gap: waits for the quiet period
+    assert "gap" in asm._content_cache[sid][1] or "uneven" in asm._content_cache[sid][1]
     assert asm.sweep() == [] and asm.sweep() == [] and len(reads) == 1
     with transaction(factory) as s:
         series = s.get(Series, sid)
-        add_instance(s, series, s.get(Association, aid), 3)
+        add_instance(s, series, s.get(Association, aid), 4, 6.0)
     assert asm.sweep() == [] and len(reads) == 2
-    assert asm._content_cache[sid][2] == 4
+    assert asm._content_cache[sid][2] == 5
     with transaction(factory) as s:
         s.get(Series, sid).state = SeriesState.COMPLETE
     asm.sweep()

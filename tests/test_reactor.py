@@ -174,3 +174,86 @@ def test_each_association_gets_its_own_contexts_without_a_deep_copy() -> None:
     mine[0]._transfer_syntax.append(mine[0].transfer_syntax[0])
     mine[0].context_id = 99
     assert server[0].transfer_syntax == before and server[0].context_id != 99
+
+
+def _fast_server(handlers: list) -> tuple[object, int]:
+    """A pynetdicom server with the node's accelerated request handler, on a free port."""
+    import threading
+
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
+
+    from dicomnode.dicom.reactor import FastRequestHandler, SharedContexts
+
+    ae = AE(ae_title="DICOMNODE")
+    ae.add_supported_context("1.2.840.10008.1.1")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2", ALL_TRANSFER_SYNTAXES)
+    server = ae.make_server(("127.0.0.1", 0), evt_handlers=handlers,
+                            request_handler=FastRequestHandler)
+    server.contexts = SharedContexts(server.contexts)
+    ae._servers.append(server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+@pytest.mark.parametrize("watched", [False, True])
+def test_stores_are_served_on_the_dul_thread_after_the_accept_handlers_with_each_status(
+        tmp_path: Path, watched: bool) -> None:
+    """The C-STORE fast path: a request is served where it was read (the DUL thread), never
+    before the EVT_ACCEPTED handlers have returned (the peer may send at once after the
+    A-ASSOCIATE-AC); a handler's int status, its exception (0xC211) and a status data set with
+    an ErrorComment all reach the sender; C-ECHO on the same association goes through
+    pynetdicom. A handler bound to a receive event the fast path skips turns it off."""
+    import threading
+    import time
+
+    from pynetdicom import AE, evt
+
+    from dicomnode.demo.sample import write_phantom_ct
+    from dicomnode.dicom.reactor import FastDUL
+
+    accepted, seen = threading.Event(), []
+
+    def on_accepted(event) -> None:
+        time.sleep(0.3)  # a slow database write
+        accepted.set()
+
+    def on_store(event):
+        seen.append((accepted.is_set(), isinstance(threading.current_thread(), FastDUL)))
+        number = int(event.dataset.InstanceNumber)
+        if number == 2:
+            raise RuntimeError("disk on fire")
+        if number == 3:
+            status = Dataset()
+            status.Status = 0xA700
+            status.ErrorComment = "no room"
+            return status
+        return 0x0000
+
+    handlers = [(evt.EVT_ACCEPTED, on_accepted), (evt.EVT_C_STORE, on_store)]
+    if watched:
+        handlers.append((evt.EVT_PDU_RECV, lambda event: None))
+    server, port = _fast_server(handlers)
+    files = write_phantom_ct(tmp_path / "ct", slices=4, size=64)
+    scu = AE(ae_title="MODALITY")
+    scu.add_requested_context("1.2.840.10008.1.1")
+    scu.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+    try:
+        assoc = scu.associate("127.0.0.1", port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        try:
+            answers = [assoc.send_c_store(pydicom.dcmread(f)) for f in files]
+            echo = assoc.send_c_echo()
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
+    numbers = [int(pydicom.dcmread(f).InstanceNumber) for f in files]
+    statuses = {n: (int(a.Status), a.get("ErrorComment")) for n, a in zip(numbers, answers,
+                                                                            strict=True)}
+    assert statuses == {1: (0, None), 2: (0xC211, None), 3: (0xA700, "no room"), 4: (0, None)}
+    assert int(echo.Status) == 0
+    assert all(done for done, _ in seen)  # never before EVT_ACCEPTED returned
+    on_dul = [fast for _, fast in seen]
+    # the first request can arrive while the accept handler sleeps: pynetdicom's thread
+    # serves it then; all the others are served on the DUL thread unless the path is off
+    assert on_dul[1:] == [not watched] * 3

@@ -18,7 +18,17 @@ Here the same loops wait on what they wait for instead:
   format log lines; the audit trail records every store);
 * :class:`SharedContexts`: each new association gets its own copy of the server's supported
   presentation contexts without ``deepcopy`` re-validating every UID (171 contexts with 7695
-  transfer syntaxes: 135 ms of CPU per association, 1.2 ms now). It applies to both reactors.
+  transfer syntaxes: 135 ms of CPU per association, 1.2 ms now). It applies to both reactors;
+* the C-STORE fast path: in the data transfer state, P-DATA-TF PDUs go through
+  :class:`~dicomnode.dicom.pdata.MessageAssembler`; a whole C-STORE request is served on the
+  DUL thread that read it (the peer waits for its response anyway: no hand-over to the
+  association thread and back), its command fields read without a pydicom data set, and the
+  handler's status sent as a C-STORE-RSP PDU built from the request's fields (byte for byte
+  what pynetdicom sends, ``tests/test_pdata.py``). Everything else (C-ECHO, a status data
+  set, a request before the EVT_ACCEPTED handlers have returned, anything the assembler does
+  not expect) goes through pynetdicom as before, and the path is off where a handler watches
+  an event it skips (PDU, data and DIMSE receive and send, state transitions). Measured on one
+  association: the response 1.05 -> 0.13 ms per instance, the request's decoding 1.2 -> 0.8 ms.
 
 The loops are pynetdicom's own, copied with only those waits changed, and they are pinned to
 the pynetdicom version in ``pyproject.toml``; ``tests/test_reactor.py`` runs the node's receive
@@ -30,14 +40,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import queue
 import select
 import ssl
+import struct
 import time
+from io import BytesIO
 from typing import Any
 
-from pynetdicom import evt
+from pydicom.uid import UID
+from pynetdicom import _config, evt
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
     standard_dimse_sent_handler,
@@ -45,9 +59,16 @@ from pynetdicom._handlers import (
     standard_pdu_sent_handler,
 )
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from dicomnode.dicom.pdata import MessageAssembler, Store, c_store_rsp
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FastRequestHandler", "SharedContexts", "accelerate"]
 
@@ -57,24 +78,33 @@ _LOG_HANDLERS = ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
                  (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
                  (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
                  (evt.EVT_PDU_SENT, standard_pdu_sent_handler))
+# what pynetdicom signals on the way in and the fast path does not
+_SKIPPED_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_DIMSE_RECV,
+                   evt.EVT_FSM_TRANSITION, evt.EVT_PDU_SENT, evt.EVT_DIMSE_SENT)
 
 
 class FastSocket(AssociationSocket):
     """Reads a PDU with ``recv_into`` into one preallocated buffer."""
 
     def recv(self, nr_bytes: int) -> bytearray:  # noqa: D102
+        buffer = bytearray(nr_bytes)
+        read = self.recv_into(buffer, 0)
+        return buffer if read == nr_bytes else buffer[:read]
+
+    def recv_into(self, buffer: bytearray, start: int) -> int:
+        """Fill ``buffer`` from ``start``; returns the bytes read, fewer only if the
+        connection closed (as pynetdicom's ``recv``)."""
         sock = self.socket
         assert sock is not None
-        buffer = bytearray(nr_bytes)
         view = memoryview(buffer)
-        read = 0
-        while read < nr_bytes:
-            got = sock.recv_into(view[read:], nr_bytes - read)
-            if not got:  # connection closed: what was read so far, as pynetdicom does
-                del view
-                return buffer[:read]
+        read, wanted = 0, len(buffer) - start
+        while read < wanted:
+            got = sock.recv_into(view[start + read:], wanted - read)
+            if not got:
+                break
             read += got
-        return buffer
+        del view
+        return read
 
 
 class FastDUL(DULServiceProvider):
@@ -83,6 +113,7 @@ class FastDUL(DULServiceProvider):
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
         self._wake_r, self._wake_w = os.pipe()
+        self._assembler: MessageAssembler | None = None
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
 
@@ -121,6 +152,123 @@ class FastDUL(DULServiceProvider):
         if self._wake_r in ready:
             with contextlib.suppress(BlockingIOError, OSError):
                 os.read(self._wake_r, 4096)
+
+    # -- the C-STORE fast path -----------------------------------------------------------
+    def _assembler_now(self) -> MessageAssembler | None:
+        """The association's assembler, made at its first P-DATA-TF; ``None`` when off."""
+        if self._assembler is None:
+            # only where nothing watches what the fast path skips: PDU, data and DIMSE
+            # receive events and the state machine's transitions
+            watched = any(self.assoc.get_handlers(e) for e in _SKIPPED_EVENTS)
+            self._assembler = MessageAssembler(self._wants_store, off=watched)
+        return None if self._assembler.off else self._assembler
+
+    def _wants_store(self, context_id: int, fields: dict[int, bytes]) -> bool:
+        """Whether a C-STORE request is served by the fast path: its context accepted and its
+        SOP class one pynetdicom's Storage service class serves (as ``_serve_request``)."""
+        assoc = self.assoc
+        if context_id not in assoc._accepted_cx:  # noqa: SLF001  (pynetdicom aborts)
+            return False
+        if _config.UNRESTRICTED_STORAGE_SERVICE:
+            return True
+        class_uid = fields.get(0x0002, b"").rstrip(b"\0 ").decode("ascii", "replace")
+        extended = assoc.acceptor.accepted_common_extended.get(UID(class_uid))
+        return uid_to_service_class(extended[0] if extended else class_uid) \
+            is StorageServiceClass
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom's PDU read, with P-DATA-TF PDUs of the data transfer state going
+        through :class:`MessageAssembler`: a whole C-STORE request is served here, on this
+        thread (the peer waits for its response anyway), everything else is decoded by
+        pynetdicom as before."""
+        wrapper = self.socket
+        assembler = (self._assembler_now() if self.state_machine.current_state == "Sta6"
+                     else None)
+        if assembler is None or not isinstance(wrapper, FastSocket):
+            if self._assembler is not None and self._assembler.pending:
+                for raw in self._assembler.give_up():  # the state changed inside a message
+                    self._decode_raw(raw)
+            super()._read_pdu_data()
+            return
+        try:
+            header = wrapper.recv(6)
+            pdu_type, _, length = struct.unpack(">BBL", header)
+        except (OSError, TimeoutError, struct.error):
+            self.event_queue.put("Evt17")  # connection closed (pynetdicom's READ_PDU_EXC_A/B)
+            return
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            self.event_queue.put("Evt19")
+            return
+        pdu = bytearray(6 + length)
+        pdu[:6] = header
+        try:
+            complete = wrapper.recv_into(pdu, 6) == length
+        except (OSError, TimeoutError):
+            complete = False
+        if not complete:
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type != 0x04:
+            for raw in assembler.give_up() if assembler.pending else ():
+                self._decode_raw(raw)
+            self._decode_raw(pdu)
+            return
+        result = assembler.feed(pdu)
+        if isinstance(result, Store):
+            self._serve_store(result)
+        elif result is not None:
+            for raw in result:
+                self._decode_raw(raw)
+
+    def _decode_raw(self, pdu: bytearray) -> None:
+        """The end of pynetdicom's ``_read_pdu_data`` for one whole PDU."""
+        try:
+            decoded, event = self._decode_pdu(pdu)
+        except Exception:
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(decoded)
+
+    def _serve_store(self, store: Store) -> None:
+        """pynetdicom's ``_serve_request`` and Storage SCP for one C-STORE request, on this
+        thread: the EVT_C_STORE handler runs here and its status goes straight back as a
+        C-STORE-RSP PDU (a status data set, which can carry more elements, goes through
+        pynetdicom's encoder as before)."""
+        assoc = self.assoc
+        if assoc._sent_release:  # noqa: SLF001  (pynetdicom ignores it too)
+            return
+        # before the EVT_ACCEPTED handlers have returned (the peer may send at once after
+        # the A-ASSOCIATE-AC), a request waits for the association thread, as in pynetdicom
+        request = _store_request(store) if assoc.is_established else None
+        if request is None:  # pynetdicom takes it, with its own checks and answers
+            for raw in store.raw:
+                self._decode_raw(raw)
+            return
+        context = assoc._accepted_cx[store.context_id]  # noqa: SLF001
+        assoc.dimse.cancel_req = {}
+        # as pynetdicom's ``attempt``: a handler that aborts must not wait for this thread
+        assoc.abort = assoc._abort_nonblocking  # type: ignore[method-assign]  # noqa: SLF001
+        try:
+            status = evt.trigger(assoc, evt.EVT_C_STORE,
+                                 {"request": request, "context": context.as_tuple})
+        except Exception:
+            log.exception("Exception in handler bound to 'evt.EVT_C_STORE'")
+            status = 0xC211
+        finally:
+            assoc.abort = assoc._abort_blocking  # type: ignore[method-assign]  # noqa: SLF001
+        if not assoc.is_established:  # the handler aborted or released
+            return
+        if type(status) is int and 0 <= status <= 0xFFFF:
+            self.socket.send(c_store_rsp(store.context_id, store.fields, status))  # type: ignore[union-attr]
+        else:
+            response = C_STORE()
+            response.MessageIDBeingRespondedTo = request.MessageID
+            response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
+            response.AffectedSOPClassUID = request.AffectedSOPClassUID
+            response = StorageServiceClass(assoc).validate_status(status, response)  # type: ignore[arg-type]
+            assoc.dimse.send_msg(response, store.context_id)
+        self._idle_timer.restart()
 
     def run_reactor(self) -> None:
         """pynetdicom's ``DULServiceProvider.run_reactor`` with ``_wait`` for its sleep."""
@@ -217,6 +365,33 @@ class FastAssociation(Association):
                     self.abort()
                 self.kill()
                 return
+
+
+def _text(raw: bytes | None) -> str:
+    return (raw or b"").rstrip(b"\0 ").decode("ascii")
+
+
+def _store_request(store: Store) -> C_STORE | None:
+    """The C-STORE request primitive, from the command fields read by the assembler (what
+    pynetdicom's ``decode`` and ``message_to_primitive`` build, without a pydicom data set);
+    ``None`` where a value does not fit, for pynetdicom to answer."""
+    fields = store.fields
+    request = C_STORE()
+    try:
+        request.MessageID = struct.unpack("<H", fields[0x0110])[0]
+        request.AffectedSOPClassUID = _text(fields[0x0002])
+        request.AffectedSOPInstanceUID = _text(fields[0x1000])
+        if 0x0700 in fields:
+            request.Priority = struct.unpack("<H", fields[0x0700])[0]
+        if fields.get(0x1030):
+            request.MoveOriginatorApplicationEntityTitle = _text(fields[0x1030])
+        if fields.get(0x1031):
+            request.MoveOriginatorMessageID = struct.unpack("<H", fields[0x1031])[0]
+    except (KeyError, ValueError, TypeError, struct.error, UnicodeDecodeError):
+        return None
+    request.DataSet = BytesIO(store.data_set)
+    request._context_id = store.context_id  # noqa: SLF001
+    return request
 
 
 def accelerate(assoc: Association) -> Association:

@@ -187,6 +187,16 @@ class Assembler:
                     )
                 ).scalar()
             )
+        evaluations = self._evaluations(series)
+        matched = [e.rule for e in evaluations if e.matched]
+        policy = self.settings.completion_for(matched)
+        if senders_open and (now - series.last_received_at).total_seconds() \
+                < policy.quiet_period_s \
+                and (now - series.first_received_at).total_seconds() < policy.max_wait_s:
+            # nothing can complete it yet: the content check (every instance's geometry) is
+            # left for when a sender closes or a wait runs out, not repeated while receiving
+            return False
+        with self.factory() as session:
             key = (series.instance_count, series.last_received_at)
             cached = self._content_cache.get(series.id)
             if cached is not None and cached[0] == key:
@@ -201,9 +211,6 @@ class Assembler:
                                         [r.orientation for r in rows], series.expected_count)
                 count = len(rows)
                 self._content_cache[series.id] = (key, problem, count)
-        evaluations = self._evaluations(series)
-        matched = [e.rule for e in evaluations if e.matched]
-        policy = self.settings.completion_for(matched)
         decision = completion_decision(
             policy=policy, now=now, first_received_at=series.first_received_at,
             last_received_at=series.last_received_at, senders_open=senders_open,
