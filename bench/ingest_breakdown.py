@@ -16,9 +16,9 @@ import time
 from typing import Any
 
 import pynetdicom.dimse
-import pynetdicom.dul
 import pynetdicom.fsm
 
+import dicomnode.dicom.reactor
 import dicomnode.node.receive
 import dicomnode.node.spool
 
@@ -46,15 +46,19 @@ def _timed(owner: Any, name: str, stage: str) -> None:
 
 def install() -> None:
     """Wrap the stages (in this process; extra receiving processes are not timed)."""
-    receive, spool = dicomnode.node.receive, dicomnode.node.spool
+    receive, spool, reactor = dicomnode.node.receive, dicomnode.node.spool, dicomnode.dicom.reactor
     _timed(receive.Receiver, "on_store", "handler (on_store)")
     _timed(receive, "integrity_problem", "integrity checks")
     _timed(receive, "store_instance", "filing (store_instance)")
     _timed(spool.Spool, "write_tmp", "write + fsync file")
     _timed(spool.Spool, "commit_tmp", "rename + fsync directory")
-    _timed(pynetdicom.dul.DULServiceProvider, "_read_pdu_data", "read + decode PDUs")
+    # the C-STORE fast path (dicomnode/dicom/reactor.py): reading a PDU holds serving the
+    # request when it completes one, and serving holds the handler
+    _timed(reactor.FastDUL, "_read_pdu_data", "read PDUs (incl. serving)")
+    _timed(reactor.FastDUL, "_serve_store", "serve request (incl. handler)")
+    # pynetdicom's own path, for what does not take the fast one
     _timed(pynetdicom.fsm.StateMachine, "do_action", "DUL state machine (incl. DIMSE assembly)")
-    _timed(pynetdicom.dimse.DIMSEServiceProvider, "send_msg", "encode + queue C-STORE-RSP")
+    _timed(pynetdicom.dimse.DIMSEServiceProvider, "send_msg", "encode + queue a DIMSE message")
 
 
 if __name__ == "__main__":
