@@ -110,8 +110,9 @@ class NodeSettings(_Model):
 
     max_pdu: int = Field(default=0, ge=0, description="Maximum PDU size offered; 0 = unlimited.")
     event_driven: bool = Field(
-        default=True, description="Event-driven association threads (dicomnode/dicom/reactor.py) "
-        "instead of pynetdicom's 1 ms polling loops; false: pynetdicom's own.")
+        default=True, description="Event-driven association threads and the C-STORE fast path "
+        "(dicomnode/dicom/reactor.py) instead of pynetdicom's 1 ms polling loops and message "
+        "path; false: pynetdicom's own.")
     network_timeout_s: float = Field(default=60.0, gt=0, description="Idle network timeout.")
     allowed_peers: list[AllowedPeer] = Field(
         default_factory=list,
