@@ -66,7 +66,14 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from dicomnode.dicom.pdata import MessageAssembler, Store, c_store_rsp
+from dicomnode.dicom.pdata import (
+    AFFECTED_SOP_CLASS,
+    AFFECTED_SOP_INSTANCE,
+    MESSAGE_ID,
+    MessageAssembler,
+    Store,
+    c_store_rsp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +164,7 @@ class FastDUL(DULServiceProvider):
     def _assembler_now(self) -> MessageAssembler | None:
         """The association's assembler, made at its first P-DATA-TF; ``None`` when off."""
         if self._assembler is None:
-            # only where nothing watches what the fast path skips: PDU, data and DIMSE
-            # receive events and the state machine's transitions
+            # only where nothing watches the events the fast path skips (_SKIPPED_EVENTS)
             watched = any(self.assoc.get_handlers(e) for e in _SKIPPED_EVENTS)
             self._assembler = MessageAssembler(self._wants_store, off=watched)
         return None if self._assembler.off else self._assembler
@@ -171,7 +177,7 @@ class FastDUL(DULServiceProvider):
             return False
         if _config.UNRESTRICTED_STORAGE_SERVICE:
             return True
-        class_uid = fields.get(0x0002, b"").rstrip(b"\0 ").decode("ascii", "replace")
+        class_uid = fields[AFFECTED_SOP_CLASS].rstrip(b"\0 ").decode("ascii", "replace")
         extended = assoc.acceptor.accepted_common_extended.get(UID(class_uid))
         return uid_to_service_class(extended[0] if extended else class_uid) \
             is StorageServiceClass
@@ -378,9 +384,9 @@ def _store_request(store: Store) -> C_STORE | None:
     fields = store.fields
     request = C_STORE()
     try:
-        request.MessageID = struct.unpack("<H", fields[0x0110])[0]
-        request.AffectedSOPClassUID = _text(fields[0x0002])
-        request.AffectedSOPInstanceUID = _text(fields[0x1000])
+        request.MessageID = struct.unpack("<H", fields[MESSAGE_ID])[0]
+        request.AffectedSOPClassUID = _text(fields[AFFECTED_SOP_CLASS])
+        request.AffectedSOPInstanceUID = _text(fields[AFFECTED_SOP_INSTANCE])
         if 0x0700 in fields:
             request.Priority = struct.unpack("<H", fields[0x0700])[0]
         if fields.get(0x1030):
