@@ -42,7 +42,7 @@ from dicomnode.node.metrics import NodeCollector
 from dicomnode.node.push import Pusher
 from dicomnode.node.receive import Receiver, serving
 from dicomnode.node.retention import purge
-from dicomnode.node.schedule import Sweeps, build_scheduler, run_soon
+from dicomnode.node.schedule import Sweeps, build_scheduler
 from dicomnode.node.spool import Spool
 from dicomnode.node.web import OpsServer
 from dicomnode.pipelines import known_pipelines
@@ -181,7 +181,7 @@ class Node:
                                    model_versions=model_versions,
                                    config_sha256=self.config_sha256)
         self.pusher = Pusher(settings=settings, factory=self.factory)
-        sweeps = Sweeps()
+        self.sweeps = sweeps = Sweeps()
         sweeps.add("completion", self.assembler.sweep, settings.schedule.completion_sweep_s)
         sweeps.add("leases", lambda: reclaim_expired(self.factory),
                    settings.schedule.dispatch_sweep_s)
@@ -198,7 +198,7 @@ class Node:
         self.receiver = Receiver(
             settings=settings, factory=self.factory, spool=self.spool,
             patient_secret=patient_secret(settings),
-            on_association_closed=lambda: run_soon(self.scheduler, "completion"),
+            on_association_closed=lambda: sweeps.run_soon("completion"),
         )
         self.executor: Executor = executor_class(settings.executor.kind)(settings,
                                                                          factory=self.factory)
@@ -301,7 +301,7 @@ class Node:
         """Bring the completion sweep forward when another receiving process's association
         ends (``None`` ends the thread)."""
         while closed.get() is not None:
-            run_soon(self.scheduler, "completion")
+            self.sweeps.run_soon("completion")
 
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set, then shut down in order (stop accepting first)."""
@@ -356,6 +356,7 @@ class Node:
                 extra.join(60)
             if closed is not None:
                 closed.put(None)
+            self.sweeps.stop()
             self.scheduler.shutdown(wait=True)
             self.executor.stop()
             with transaction(self.factory) as session:
