@@ -302,7 +302,7 @@ def job_push_rounds(work: Path, *, rounds: int = 6, seed: int = 7,
                         return s.execute(select(Job.id).where(
                             Job.status == JobStatus.RUNNING)).first() is not None
                 _until(running, 120, f"round {i}: job running")
-                time.sleep(rng.uniform(0.0, 1.0))
+                time.sleep(rng.uniform(0.0, 0.4))  # early in the job: its worker must not finish it first
                 with node.session() as s:
                     still = s.execute(select(Job.id).where(
                         Job.status == JobStatus.RUNNING)).first() is not None

@@ -135,7 +135,7 @@ def build_scheduler(sweeps: Sweeps) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(timezone=UTC)
     for name, (guarded, period) in sweeps.items.items():
         scheduler.add_job(
-            guarded, "interval", seconds=period, id=name, max_instances=1,
+            guarded, "interval", seconds=period, id=name, name=name, max_instances=1,
             coalesce=True, next_run_time=datetime.now(UTC),
         )
     return scheduler
