@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import select
@@ -73,3 +74,110 @@ def test_racing_different_bytes_under_one_uid_lose_nothing(db_url: str, tmp_path
         versions = {hashlib.sha256(f"instance {i} version {side} ".encode() * 2000).hexdigest()
                     for side in (0, 1)}
         assert {on_disk} | kept.get(_header(i).sop_instance_uid, set()) == versions
+
+
+def _store(factory, spool: Spool, i: int, data: bytes):  # noqa: ANN001, ANN202 - test helper
+    return store_instance(factory=factory, spool=spool, header=_header(i), data=data,
+                          transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="SENDER",
+                          association_id=None, message_id=i, patient_secret=b"k")
+
+
+def test_a_repeat_whose_file_is_gone_restores_it_only_with_the_same_bytes(
+        db_url: str, tmp_path: Path) -> None:
+    """The file is linked to its name before the rows (outside the write lock): when the name
+    is free but a row for the UID exists (its file was deleted), the same bytes bring the file
+    back as a duplicate, and other bytes never stay under the row's name: they go to
+    conflicts/ and the name stays free."""
+    migrate(db_url)
+    engine = make_engine(db_url)
+    factory = make_sessionmaker(engine)
+    spool = Spool(tmp_path / "spool")
+    first = _store(factory, spool, 1, b"one" * 1000)
+    (spool.root / first.path).unlink()
+    again = _store(factory, spool, 1, b"one" * 1000)
+    assert again.action is StoreAction.DUPLICATE and again.path == first.path
+    assert (spool.root / first.path).read_bytes() == b"one" * 1000
+    (spool.root / first.path).unlink()
+    other = _store(factory, spool, 1, b"two" * 1000)
+    assert other.action is StoreAction.CONFLICT and other.path.startswith("conflicts/")
+    assert not (spool.root / first.path).exists()
+    assert (spool.root / other.path).read_bytes() == b"two" * 1000
+    with factory() as s:
+        assert len(s.execute(select(Instance)).all()) == 1
+        assert len(s.execute(select(InstanceReceipt)).all()) == 3
+    assert list(spool.tmp.iterdir()) == []
+    engine.dispose()
+
+
+def test_a_name_taken_without_a_row_waits_for_that_store(
+        db_url: str, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A file under the instance's name with no row is another association's store of the
+    same UID that has not committed: the second store waits for its row and then files a
+    repeat; if no row comes, it fails (the sender retries) and leaves that file alone."""
+    import dicomnode.node.spool as spool_module
+
+    migrate(db_url)
+    engine = make_engine(db_url)
+    factory = make_sessionmaker(engine)
+    spool = Spool(tmp_path / "spool")
+    relative = spool.relative_path(_header(2))
+    (spool.root / relative).parent.mkdir(parents=True)
+    (spool.root / relative).write_bytes(b"in flight")
+    monkeypatch.setattr(spool_module, "SAME_UID_WAIT_S", 0.3)
+    try:
+        _store(factory, spool, 2, b"late" * 100)
+    except RuntimeError as exc:
+        assert "exists without a row" in str(exc)
+    else:
+        raise AssertionError("filed over a name it does not own")
+    assert (spool.root / relative).read_bytes() == b"in flight"
+    (spool.root / relative).unlink()
+
+    # the first store commits while the second waits: the second is a repeat of it
+    monkeypatch.setattr(spool_module, "SAME_UID_WAIT_S", 10.0)
+    first_done = threading.Event()
+    real_upsert = spool_module._upsert_series
+
+    def slow_upsert(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        time.sleep(0.5)  # the first store holds its name, rows not yet written
+        return real_upsert(*args, **kwargs)
+
+    monkeypatch.setattr(spool_module, "_upsert_series", slow_upsert)
+    results: list[StoreAction] = []
+    first = threading.Thread(target=lambda: (results.append(
+        _store(factory, spool, 2, b"same" * 100).action), first_done.set()))
+    first.start()
+    deadline = time.monotonic() + 5
+    while not (spool.root / relative).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    monkeypatch.setattr(spool_module, "_upsert_series", real_upsert)
+    second = _store(factory, spool, 2, b"same" * 100)
+    first.join()
+    assert results == [StoreAction.CREATE] and second.action is StoreAction.DUPLICATE
+    engine.dispose()
+
+
+def test_a_failed_transaction_removes_the_linked_file(
+        db_url: str, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import dicomnode.node.spool as spool_module
+
+    migrate(db_url)
+    engine = make_engine(db_url)
+    factory = make_sessionmaker(engine)
+    spool = Spool(tmp_path / "spool")
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError("database went away")
+
+    monkeypatch.setattr(spool_module, "_upsert_series", broken)
+    try:
+        _store(factory, spool, 3, b"x" * 100)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the failure was swallowed")
+    assert not (spool.root / spool.relative_path(_header(3))).exists()
+    assert list(spool.tmp.iterdir()) == []
+    monkeypatch.undo()
+    assert _store(factory, spool, 3, b"x" * 100).action is StoreAction.CREATE  # the retry files
+    engine.dispose()

@@ -3,16 +3,20 @@
 Order of operations for one C-STORE (``shared/AUDIT.md``, "Consistency under crashes"):
 
 1. write the encoded bytes to ``.tmp/<uuid>`` and fsync;
-2. one transaction: look the SOP Instance UID up (a duplicate is never overwritten), count
-   the instance into its series, insert the instance row and the receipt, then rename the
-   file to ``<study>/<series>/<sop>.dcm`` and fsync the directory, then commit;
-3. the caller answers 0x0000 only when all of that returned.
+2. hard-link that file to ``<study>/<series>/<sop>.dcm`` (``link`` never replaces an existing
+   file: the name is claimed exclusively) and fsync the directory;
+3. one transaction: look the SOP Instance UID up (a duplicate is never overwritten), count
+   the instance into its series, insert the instance row and the receipt, commit;
+4. the caller answers 0x0000 only when all of that returned.
 
-The rename comes after the instance row's INSERT: on PostgreSQL a concurrent writer of the same
-SOP Instance UID blocks on the unique index until this transaction commits, then fails and
-records a repeat, so it never replaces the file a committed row describes. A crash between the
-rename and the commit leaves a file without a row, set aside at start-up (its sender was not
-answered).
+Steps 1-2 run outside the database's write lock, so parallel associations' file fsyncs and
+directory fsyncs overlap instead of queueing behind each other's commits (at 4 associations
+the rename and directory fsync had taken a third of the time the lock was held;
+docs/benchmarks.md, "Ingest"). A crash between the link and the commit leaves a file without a
+row, set aside at start-up (its sender was not answered); a failed transaction removes it at
+once. A second association sending the same SOP Instance UID finds the name taken: with a row
+it is a repeat (same bytes: a duplicate receipt; other bytes: kept under ``conflicts/``),
+without one (the first has not committed yet) it waits for the first to commit or give up.
 
 No pixel data is decoded here.
 """
@@ -22,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import hashlib
+import logging
 import math
 import os
 import re
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +51,8 @@ from dicomnode.audit.models import Instance, InstanceReceipt, Series, SeriesStat
 from dicomnode.files import fsync_dir
 
 __all__ = ["InvalidInstance", "InstanceHeader", "Spool", "StoreAction", "store_instance"]
+
+log = logging.getLogger(__name__)
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -226,10 +234,44 @@ class Spool:
     def commit_tmp(self, tmp: Path, relative: str) -> None:
         """Rename a fsynced temp file to ``relative`` and fsync the directory."""
         final = self.root / relative
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._make_parents(final.parent)
         os.replace(tmp, final)
         if self.fsync:
             fsync_dir(final.parent)
+
+    def claim(self, tmp: Path, relative: str) -> bool:
+        """Hard-link a fsynced temp file to ``relative`` and fsync the directory; False when
+        that name already exists (nothing is replaced)."""
+        final = self.root / relative
+        for _ in range(100):  # retention may remove an emptied folder between mkdir and link
+            self._make_parents(final.parent)
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                return False
+            except FileNotFoundError:
+                if not tmp.exists():
+                    raise
+                continue
+            if self.fsync:
+                fsync_dir(final.parent)
+            return True
+        raise FileNotFoundError(f"could not create the folder of {relative}")
+
+    def _make_parents(self, folder: Path) -> None:
+        """Create ``folder`` and any missing parents, fsyncing each new entry's parent (a new
+        series folder must survive a power cut like the file in it)."""
+        if folder.is_dir():
+            return
+        missing = []
+        while not folder.is_dir():
+            missing.append(folder)
+            folder = folder.parent
+        for new in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                new.mkdir()
+            if self.fsync:
+                fsync_dir(new.parent)
 
     def unrecorded(self, recorded: set[str]) -> list[str]:
         """Instance files (relative paths) that no row describes: a crash or a failed insert
@@ -285,11 +327,11 @@ def store_instance(
 ) -> StoreResult:
     """File one received instance durably and record it; raises on any disk or database failure.
 
-    The bytes are written and fsynced to a temp file first; then, in one transaction, the SOP
-    Instance UID is looked up and either the file is renamed into place (directory fsynced)
-    with its rows, or it is recorded as a duplicate / conflict. A duplicate with the same
-    sha256 only adds a receipt; one with different content is kept under ``conflicts/``; the
-    original is never overwritten.
+    The bytes are written and fsynced to a temp file first and linked to their name (directory
+    fsynced); then, in one transaction, the SOP Instance UID is looked up and either the rows
+    are inserted, or it is recorded as a duplicate / conflict. A duplicate with the same sha256
+    only adds a receipt; one with different content is kept under ``conflicts/``; the original
+    is never overwritten (see the module docstring).
 
     ``written``, when given, is ``data`` already being written by :meth:`Spool.write_tmp_soon`
     (the caller's parsing overlapped it); it is waited for before the transaction starts.
@@ -306,54 +348,113 @@ def store_instance(
             Spool.discard(written)
         raise
     tmp = written.result() if written is not None else spool.write_tmp(data)
+    relative = spool.relative_path(header)
     try:
-        try:
-            with write_connection(factory) as conn:
-                existing = conn.execute(
-                    _FIND_INSTANCE, {"sop_uid": header.sop_instance_uid}).one_or_none()
-                if existing is not None:
-                    return _record_repeat(
-                        conn, spool=spool, header=header, tmp=tmp, sha=sha,
-                        size=len(data), existing_sha=existing.sha256,
-                        existing_path=existing.path, association_id=association_id,
-                        message_id=message_id,
-                    )
-                relative = spool.relative_path(header)
-                now = utcnow()
-                series_id = _upsert_series(
-                    conn, header=header, calling_ae=calling_ae,
-                    association_id=association_id, patient_secret=patient_secret, now=now,
-                )
-                conn.execute(_INSERT_INSTANCE, dict(
-                    sop_instance_uid=header.sop_instance_uid,
-                    sop_class_uid=header.sop_class_uid, series_id=series_id,
-                    transfer_syntax_uid=transfer_syntax_uid, calling_ae=calling_ae,
-                    association_id=association_id, bytes=len(data), sha256=sha,
-                    path=relative, instance_number=header.instance_number,
-                    position=header.position, orientation=header.orientation,
-                    received_at=now))
-                conn.execute(_INSERT_RECEIPT, dict(
-                    association_id=association_id, message_id=message_id,
-                    sop_instance_uid=header.sop_instance_uid, sha256=sha, bytes=len(data),
-                    action=StoreAction.CREATE.value, dimse_status=0, received_at=now))
-                # after the INSERT (see the module docstring)
-                spool.commit_tmp(tmp, relative)
-                return StoreResult(action=StoreAction.CREATE, sha256=sha, path=relative)
-        except IntegrityError:
-            # PostgreSQL: the same UID committed first on another association: a repeat
-            with write_connection(factory) as conn:
-                row = conn.execute(
-                    select(Instance.sha256, Instance.path).where(
-                        Instance.sop_instance_uid == header.sop_instance_uid
-                    )
-                ).one()
-                return _record_repeat(
-                    conn, spool=spool, header=header, tmp=tmp, sha=sha, size=len(data),
-                    existing_sha=row.sha256, existing_path=row.path,
-                    association_id=association_id, message_id=message_id,
-                )
+        deadline = time.monotonic() + SAME_UID_WAIT_S
+        while True:
+            linked = spool.claim(tmp, relative)
+            try:
+                result = _file_rows(factory, spool, header=header, tmp=tmp, sha=sha,
+                                    size=len(data), relative=relative, linked=linked,
+                                    transfer_syntax_uid=transfer_syntax_uid,
+                                    calling_ae=calling_ae, association_id=association_id,
+                                    message_id=message_id, patient_secret=patient_secret)
+            except BaseException:
+                if linked:
+                    _unclaim(factory, spool, header.sop_instance_uid, relative)
+                raise
+            if result is not None:
+                return result
+            # the name is taken and no row describes it: another association is filing the
+            # same SOP Instance UID and has not committed yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{relative} exists without a row after {SAME_UID_WAIT_S:g}s: another "
+                    "association's store of this SOP Instance UID did not finish (a file left "
+                    "by a crash is set aside at the next start); the sender should retry")
+            time.sleep(0.02)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# how long a store waits for another association's store of the same SOP Instance UID
+SAME_UID_WAIT_S = 10.0
+
+
+def _file_rows(
+    factory: sessionmaker[Session], spool: Spool, *, header: InstanceHeader, tmp: Path,
+    sha: str, size: int, relative: str, linked: bool, transfer_syntax_uid: str,
+    calling_ae: str, association_id: int | None, message_id: int | None,
+    patient_secret: bytes,
+) -> StoreResult | None:
+    """The rows of one store, in one transaction; None when the file name is taken by a store
+    that has not committed (``linked`` False and no row)."""
+    try:
+        with write_connection(factory) as conn:
+            if not linked:  # the name is taken: a repeat, or a store not yet committed
+                existing = conn.execute(
+                    _FIND_INSTANCE, {"sop_uid": header.sop_instance_uid}).one_or_none()
+                if existing is None:
+                    return None
+                return _record_repeat(
+                    conn, spool=spool, header=header, tmp=tmp, sha=sha, size=size,
+                    existing_sha=existing.sha256, existing_path=existing.path,
+                    association_id=association_id, message_id=message_id,
+                )
+            # the name was free, so this UID is new unless its row's file is gone: the
+            # instance row's unique index decides that (IntegrityError below), not a lookup
+            # while the write lock is held
+            now = utcnow()
+            series_id = _upsert_series(
+                conn, header=header, calling_ae=calling_ae,
+                association_id=association_id, patient_secret=patient_secret, now=now,
+            )
+            conn.execute(_INSERT_INSTANCE, dict(
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid, series_id=series_id,
+                transfer_syntax_uid=transfer_syntax_uid, calling_ae=calling_ae,
+                association_id=association_id, bytes=size, sha256=sha,
+                path=relative, instance_number=header.instance_number,
+                position=header.position, orientation=header.orientation,
+                received_at=now))
+            conn.execute(_INSERT_RECEIPT, dict(
+                association_id=association_id, message_id=message_id,
+                sop_instance_uid=header.sop_instance_uid, sha256=sha, bytes=size,
+                action=StoreAction.CREATE.value, dimse_status=0, received_at=now))
+            return StoreResult(action=StoreAction.CREATE, sha256=sha, path=relative)
+    except IntegrityError:
+        # a row for this UID exists (its file was gone, so the link succeeded): a repeat
+        with write_connection(factory) as conn:
+            row = conn.execute(
+                _FIND_INSTANCE, {"sop_uid": header.sop_instance_uid}).one_or_none()
+            if row is None:  # another constraint failed: not a repeat
+                raise
+            if linked and (row.sha256 != sha or row.path != relative):
+                # this link restored the row's name: not with other bytes, and not under a
+                # name no row describes
+                (spool.root / relative).unlink(missing_ok=True)
+            return _record_repeat(
+                conn, spool=spool, header=header, tmp=tmp, sha=sha, size=size,
+                existing_sha=row.sha256, existing_path=row.path,
+                association_id=association_id, message_id=message_id,
+            )
+
+
+def _unclaim(factory: sessionmaker[Session], spool: Spool, sop_instance_uid: str,
+             relative: str) -> None:
+    """After a failed transaction: remove the linked file unless a row describes it (a commit
+    that failed to answer may still have landed). If the database cannot say, the file stays,
+    and the next start sets it aside."""
+    try:
+        with factory() as session:
+            described = session.execute(select(Instance.id).where(
+                Instance.sop_instance_uid == sop_instance_uid,
+                Instance.path == relative)).first() is not None
+    except Exception:
+        log.warning("kept %s: could not check for its row", relative)
+        return
+    if not described:
+        (spool.root / relative).unlink(missing_ok=True)
 
 
 def _upsert_series(
