@@ -2,7 +2,8 @@
 
 Used by ``bench/ingest.py`` for the "where the time goes" table: each wrapped call adds its
 duration to a per-stage total, written as JSON to ``$DICOMNODE_BREAKDOWN`` every 25 stores.
-Stages nest (``on_store`` holds ``store_instance``, which holds ``write_tmp``).
+Stages nest (``on_store`` holds ``store_instance``, which holds ``claim`` and the wait for
+the spool thread's write).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def install() -> None:
     _timed(receive.Receiver, "on_store", "handler (on_store)")
     _timed(receive, "integrity_problem", "integrity checks")
     _timed(receive, "store_instance", "filing (store_instance)")
-    _timed(spool.Spool, "write_tmp", "write + fsync file")
-    _timed(spool.Spool, "commit_tmp", "rename + fsync directory")
+    _timed(spool.Spool, "_write", "write + fsync file (spool thread)")
+    _timed(spool.PendingWrite, "result", "waiting for the file's write + fsync")
+    _timed(spool.Spool, "claim", "link + fsync directory")
     # the C-STORE fast path (dicomnode/dicom/reactor.py): reading a PDU holds serving the
     # request when it completes one, and serving holds the handler
     _timed(reactor.FastDUL, "_read_pdu_data", "read PDUs (incl. serving)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -180,4 +181,59 @@ def test_a_failed_transaction_removes_the_linked_file(
     assert list(spool.tmp.iterdir()) == []
     monkeypatch.undo()
     assert _store(factory, spool, 3, b"x" * 100).action is StoreAction.CREATE  # the retry files
+    engine.dispose()
+
+
+def test_the_name_is_linked_while_the_data_is_written_and_no_row_comes_before_it(
+        db_url: str, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The instance's name is linked (and its directory fsynced) while the spool thread still
+    writes and fsyncs the data; the row waits for that write, and a write that fails leaves
+    neither the name nor the temp file behind."""
+    import errno
+
+    migrate(db_url)
+    engine = make_engine(db_url)
+    factory = make_sessionmaker(engine)
+    spool = Spool(tmp_path / "spool")
+    real_write = Spool._write
+    linked_before_written: list[bool] = []
+
+    def slow_write(self, fd, tmp, data):  # noqa: ANN001, ANN202
+        time.sleep(0.3)
+        final = spool.root / spool.relative_path(_header(int(data[:1])))
+        linked_before_written.append(final.exists() and final.stat().st_size == 0)
+        time.sleep(0.1)
+        with factory() as s:  # the rows wait for this write
+            assert s.execute(select(Instance)).first() is None
+        return real_write(self, fd, tmp, data)
+
+    monkeypatch.setattr(Spool, "_write", slow_write)
+    result = store_instance(factory=factory, spool=spool, header=_header(4),
+                            data=b"4" * 1000, written=spool.write_tmp_soon(b"4" * 1000),
+                            transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="S",
+                            association_id=None, message_id=4, patient_secret=b"k")
+    assert result.action is StoreAction.CREATE and linked_before_written == [True]
+    assert (spool.root / result.path).read_bytes() == b"4" * 1000
+
+    def full_disk(self, fd, tmp, data):  # noqa: ANN001, ANN202
+        time.sleep(0.2)
+        os.close(fd)
+        tmp.unlink()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Spool, "_write", full_disk)
+    try:
+        store_instance(factory=factory, spool=spool, header=_header(5), data=b"5" * 1000,
+                       written=spool.write_tmp_soon(b"5" * 1000),
+                       transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="S",
+                       association_id=None, message_id=5, patient_secret=b"k")
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    else:
+        raise AssertionError("a failed write was filed")
+    assert not (spool.root / spool.relative_path(_header(5))).exists()
+    assert list(spool.tmp.iterdir()) == []
+    with factory() as s:
+        assert [r.sop_instance_uid for r in s.execute(select(Instance)).scalars()] == \
+            [_header(4).sop_instance_uid]
     engine.dispose()

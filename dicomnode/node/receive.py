@@ -16,9 +16,7 @@ import struct
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -42,7 +40,14 @@ from dicomnode.dicom.reactor import FastRequestHandler, SharedContexts
 from dicomnode.dicom.tls import server_context
 from dicomnode.files import disk_low
 from dicomnode.node.integrity import encoding_problem, integrity_problem, parse_cost_problem
-from dicomnode.node.spool import InstanceHeader, InvalidInstance, Spool, StoreAction, store_instance
+from dicomnode.node.spool import (
+    InstanceHeader,
+    InvalidInstance,
+    PendingWrite,
+    Spool,
+    StoreAction,
+    store_instance,
+)
 from dicomnode.settings import Settings
 
 __all__ = [
@@ -341,7 +346,7 @@ class Receiver:
         return Status.SUCCESS
 
     def _write_early(self, event: Any, encoded: bytes, transfer_syntax: str
-                     ) -> tuple[tuple[str, str], bytes, Future[Path]] | None:
+                     ) -> tuple[tuple[str, str], bytes, PendingWrite] | None:
         """Start writing the instance file under the request's UIDs, if they can be used:
         (those UIDs, the file's bytes, the write)."""
         uids = (str(event.request.AffectedSOPClassUID or ""),

@@ -2,21 +2,27 @@
 
 Order of operations for one C-STORE (``shared/AUDIT.md``, "Consistency under crashes"):
 
-1. write the encoded bytes to ``.tmp/<uuid>`` and fsync;
+1. write the encoded bytes to ``.tmp/<uuid>`` and fsync (on a spool thread, while the data
+   set is checked);
 2. hard-link that file to ``<study>/<series>/<sop>.dcm`` (``link`` never replaces an existing
-   file: the name is claimed exclusively) and fsync the directory;
-3. one transaction: look the SOP Instance UID up (a duplicate is never overwritten), count
-   the instance into its series, insert the instance row and the receipt, commit;
+   file: the name is claimed exclusively) and fsync the directory, while step 1 may still
+   run; then wait for step 1;
+3. one transaction: count the instance into its series, insert the instance row and the
+   receipt (the unique index on the SOP Instance UID catches a repeat), commit;
 4. the caller answers 0x0000 only when all of that returned.
 
 Steps 1-2 run outside the database's write lock, so parallel associations' file fsyncs and
 directory fsyncs overlap instead of queueing behind each other's commits (at 4 associations
 the rename and directory fsync had taken a third of the time the lock was held;
-docs/benchmarks.md, "Ingest"). A crash between the link and the commit leaves a file without a
-row, set aside at start-up (its sender was not answered); a failed transaction removes it at
-once. A second association sending the same SOP Instance UID finds the name taken: with a row
-it is a repeat (same bytes: a duplicate receipt; other bytes: kept under ``conflicts/``),
-without one (the first has not committed yet) it waits for the first to commit or give up.
+docs/benchmarks.md, "Ingest"). No row names a file before its data is durable. A crash
+between the link and the commit leaves a file without a row, set aside at start-up (its
+sender was not answered); a failed write or transaction removes it at once.
+
+A second association sending the same SOP Instance UID finds the name taken: with a row it is
+a repeat (same bytes: a duplicate receipt; other bytes: kept under ``conflicts/``); without one
+(the first has not committed yet) it waits for the first to commit or give up. A free name
+with a row is a repeat whose file was deleted: the same bytes bring the file back, other bytes
+go to ``conflicts/``.
 
 No pixel data is decoded here.
 """
@@ -27,7 +33,6 @@ import contextlib
 import enum
 import hashlib
 import logging
-import math
 import os
 import re
 import threading
@@ -38,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from pydicom.dataset import Dataset
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -49,6 +53,7 @@ from dicomnode.audit.db import write_connection
 from dicomnode.audit.events import AuditEventID, Outcome, patient_key, record_event
 from dicomnode.audit.models import Instance, InstanceReceipt, Series, SeriesState, utcnow
 from dicomnode.files import fsync_dir
+from dicomnode.node.header import InstanceHeader, InvalidInstance
 
 __all__ = ["InvalidInstance", "InstanceHeader", "Spool", "StoreAction", "store_instance"]
 
@@ -83,86 +88,10 @@ _COUNT_INTO_SERIES = (
 CONFLICTS, ORPHANS = "conflicts", "orphans"
 
 
-class InvalidInstance(ValueError):
-    """A dataset this node cannot file: the message says which attribute and why."""
-
-
 class StoreAction(enum.StrEnum):
     CREATE = "create"
     DUPLICATE = "duplicate"
     CONFLICT = "conflict"
-
-
-def _float_list(ds: Dataset, keyword: str, n: int) -> list[float] | None:
-    value = ds.get(keyword)
-    if value is None:
-        return None
-    try:
-        out = [float(v) for v in value]
-    except (TypeError, ValueError):
-        return None
-    if not all(math.isfinite(v) for v in out):
-        # NaN / Inf geometry: refused the same on every database (PostgreSQL's JSON has no NaN)
-        raise InvalidInstance(f"{keyword} holds a value that is not a finite number")
-    return out if len(out) == n else None
-
-
-def _int_or_none(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-@dataclass(frozen=True, kw_only=True)
-class InstanceHeader:
-    """What the spool and the completion check need from one instance's header."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-    modality: str | None
-    patient_id: str | None
-    instance_number: int | None
-    position: list[float] | None
-    orientation: list[float] | None
-    expected_count: int | None
-
-    @classmethod
-    def from_dataset(cls, ds: Dataset) -> InstanceHeader:
-        """Read the header fields; raises :class:`InvalidInstance` when a required UID is absent."""
-        values: dict[str, str] = {}
-        for keyword in (
-            "SOPInstanceUID",
-            "SOPClassUID",
-            "SeriesInstanceUID",
-            "StudyInstanceUID",
-        ):
-            value = str(ds.get(keyword, "") or "").strip()
-            if not value:
-                raise InvalidInstance(f"{keyword} is missing or empty")
-            if len(value) > 64:
-                raise InvalidInstance(f"{keyword} is longer than 64 characters")
-            if not (value.isascii() and value.isprintable()):
-                raise InvalidInstance(f"{keyword} holds bytes that no UID can hold")
-            values[keyword] = value
-        expected = _int_or_none(ds, "ImagesInAcquisition")
-        if ds.get("Modality") == "PT":
-            expected = _int_or_none(ds, "NumberOfSlices") or expected
-        return cls(
-            sop_instance_uid=values["SOPInstanceUID"],
-            sop_class_uid=values["SOPClassUID"],
-            series_instance_uid=values["SeriesInstanceUID"],
-            study_instance_uid=values["StudyInstanceUID"],
-            modality=str(ds.get("Modality", "") or "") or None,
-            patient_id=str(ds.get("PatientID", "") or "") or None,
-            instance_number=_int_or_none(ds, "InstanceNumber"),
-            position=_float_list(ds, "ImagePositionPatient", 3),
-            orientation=_float_list(ds, "ImageOrientationPatient", 6),
-            expected_count=expected,
-        )
 
 
 def _safe_component(uid: str) -> str:
@@ -170,6 +99,20 @@ def _safe_component(uid: str) -> str:
     if _UID_RE.match(uid):
         return uid
     return "x" + hashlib.sha256(uid.encode()).hexdigest()[:40]
+
+
+class PendingWrite:
+    """A temp file being written and fsynced on a spool thread (:meth:`Spool.write_tmp_soon`);
+    ``path`` exists from the start, ``result()`` waits for the data to be durable."""
+
+    def __init__(self, path: Path, future: Future[None]) -> None:
+        self.path = path
+        self._future = future
+
+    def result(self) -> Path:
+        """Wait for the write and its fsync; raises what they raised."""
+        self._future.result()
+        return self.path
 
 
 class Spool:
@@ -204,8 +147,12 @@ class Spool:
     def write_tmp(self, data: bytes) -> Path:
         """Write ``data`` to a new temp file and fsync it; returns its path."""
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        self._write(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp, data)
+        return tmp
+
+    def _write(self, fd: int, tmp: Path, data: bytes) -> None:
         try:
-            with open(tmp, "wb") as fh:
+            with open(fd, "wb") as fh:
                 fh.write(data)
                 if self.fsync:
                     fh.flush()
@@ -214,22 +161,30 @@ class Spool:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        return tmp
 
-    def write_tmp_soon(self, data: bytes) -> Future[Path]:
+    def write_tmp_soon(self, data: bytes) -> PendingWrite:
         """:meth:`write_tmp` on a spool thread: the caller's work overlaps the write and its
-        fsync, which release the GIL. Pass the future to :func:`store_instance` or to
-        :meth:`discard`."""
+        fsync, which release the GIL. The file exists (empty) when this returns, so that it
+        can be linked to its name while it is written. Pass the result to
+        :func:`store_instance` or to :meth:`discard`."""
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool")
-        return self._pool.submit(self.write_tmp, data)
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            return PendingWrite(tmp, self._pool.submit(self._write, fd, tmp, data))
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
 
     @staticmethod
-    def discard(written: Future[Path]) -> None:
+    def discard(written: PendingWrite) -> None:
         """Wait for a write from :meth:`write_tmp_soon` and delete its file (not filed)."""
         with contextlib.suppress(Exception):
-            written.result().unlink(missing_ok=True)
+            written.result()
+        written.path.unlink(missing_ok=True)
 
     def commit_tmp(self, tmp: Path, relative: str) -> None:
         """Rename a fsynced temp file to ``relative`` and fsync the directory."""
@@ -318,7 +273,7 @@ def store_instance(
     spool: Spool,
     header: InstanceHeader,
     data: bytes,
-    written: Future[Path] | None = None,
+    written: PendingWrite | None = None,
     transfer_syntax_uid: str,
     calling_ae: str,
     association_id: int | None,
@@ -334,7 +289,10 @@ def store_instance(
     is never overwritten (see the module docstring).
 
     ``written``, when given, is ``data`` already being written by :meth:`Spool.write_tmp_soon`
-    (the caller's parsing overlapped it); it is waited for before the transaction starts.
+    (the caller's parsing overlapped it). Its name is linked and the directory fsynced while
+    the data's own write and fsync may still run; both are waited for before the transaction
+    starts, so a row only ever names a durable file (a crash before that leaves a file
+    without a row, set aside at start-up).
 
     Returns
     -------
@@ -347,13 +305,20 @@ def store_instance(
         if written is not None:
             Spool.discard(written)
         raise
-    tmp = written.result() if written is not None else spool.write_tmp(data)
+    tmp = written.path if written is not None else spool.write_tmp(data)
     relative = spool.relative_path(header)
     try:
         deadline = time.monotonic() + SAME_UID_WAIT_S
         while True:
-            linked = spool.claim(tmp, relative)
             try:
+                linked = spool.claim(tmp, relative)
+            except FileNotFoundError:
+                if written is not None:
+                    written.result()  # the write failed and removed its file: its error
+                raise
+            try:
+                if written is not None:
+                    written.result()  # the data durable before any row names the file
                 result = _file_rows(factory, spool, header=header, tmp=tmp, sha=sha,
                                     size=len(data), relative=relative, linked=linked,
                                     transfer_syntax_uid=transfer_syntax_uid,
@@ -374,6 +339,9 @@ def store_instance(
                     "by a crash is set aside at the next start); the sender should retry")
             time.sleep(0.02)
     finally:
+        if written is not None:
+            with contextlib.suppress(Exception):
+                written.result()  # not unlinked under a write still running
         tmp.unlink(missing_ok=True)
 
 
