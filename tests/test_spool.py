@@ -12,7 +12,8 @@ from sqlalchemy import select
 
 from dicomnode.audit.db import make_engine, make_sessionmaker, migrate
 from dicomnode.audit.models import Instance, InstanceReceipt
-from dicomnode.node.spool import InstanceHeader, Spool, StoreAction, store_instance
+from dicomnode.node.header import InstanceHeader
+from dicomnode.node.spool import Spool, StoreAction, store_instance
 
 
 def _header(i: int) -> InstanceHeader:

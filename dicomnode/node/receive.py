@@ -39,15 +39,9 @@ from dicomnode.dicom.net import VERIFICATION, set_nodelay
 from dicomnode.dicom.reactor import FastRequestHandler, SharedContexts
 from dicomnode.dicom.tls import server_context
 from dicomnode.files import disk_low
+from dicomnode.node.header import InstanceHeader, InvalidInstance
 from dicomnode.node.integrity import encoding_problem, integrity_problem, parse_cost_problem
-from dicomnode.node.spool import (
-    InstanceHeader,
-    InvalidInstance,
-    PendingWrite,
-    Spool,
-    StoreAction,
-    store_instance,
-)
+from dicomnode.node.spool import PendingWrite, Spool, StoreAction, store_instance
 from dicomnode.settings import Settings
 
 __all__ = [

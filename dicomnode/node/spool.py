@@ -53,9 +53,9 @@ from dicomnode.audit.db import write_connection
 from dicomnode.audit.events import AuditEventID, Outcome, patient_key, record_event
 from dicomnode.audit.models import Instance, InstanceReceipt, Series, SeriesState, utcnow
 from dicomnode.files import fsync_dir
-from dicomnode.node.header import InstanceHeader, InvalidInstance
+from dicomnode.node.header import InstanceHeader
 
-__all__ = ["InvalidInstance", "InstanceHeader", "Spool", "StoreAction", "store_instance"]
+__all__ = ["PendingWrite", "Spool", "StoreAction", "store_instance"]
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,13 @@ class Spool:
 
     def write_tmp(self, data: bytes) -> Path:
         """Write ``data`` to a new temp file and fsync it; returns its path."""
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-        self._write(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp, data)
+        tmp, fd = self._new_tmp()
+        self._write(fd, tmp, data)
         return tmp
+
+    def _new_tmp(self) -> tuple[Path, int]:
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
 
     def _write(self, fd: int, tmp: Path, data: bytes) -> None:
         try:
@@ -170,8 +174,7 @@ class Spool:
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool")
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        tmp, fd = self._new_tmp()
         try:
             return PendingWrite(tmp, self._pool.submit(self._write, fd, tmp, data))
         except BaseException:
@@ -216,8 +219,6 @@ class Spool:
     def _make_parents(self, folder: Path) -> None:
         """Create ``folder`` and any missing parents, fsyncing each new entry's parent (a new
         series folder must survive a power cut like the file in it)."""
-        if folder.is_dir():
-            return
         missing = []
         while not folder.is_dir():
             missing.append(folder)
@@ -230,7 +231,7 @@ class Spool:
 
     def unrecorded(self, recorded: set[str]) -> list[str]:
         """Instance files (relative paths) that no row describes: a crash or a failed insert
-        between the rename and the commit leaves one (its sender was not answered 0x0000)."""
+        between the link and the commit leaves one (its sender was not answered 0x0000)."""
         found = []
         for path in sorted(self.root.glob("*/*/*.dcm")):
             relative = path.relative_to(self.root).as_posix()
@@ -283,8 +284,8 @@ def store_instance(
     """File one received instance durably and record it; raises on any disk or database failure.
 
     The bytes are written and fsynced to a temp file first and linked to their name (directory
-    fsynced); then, in one transaction, the SOP Instance UID is looked up and either the rows
-    are inserted, or it is recorded as a duplicate / conflict. A duplicate with the same sha256
+    fsynced); then, in one transaction, either the rows are inserted or, when the name or the
+    UID is taken, the store is recorded as a duplicate / conflict. A duplicate with the same sha256
     only adds a receipt; one with different content is kept under ``conflicts/``; the original
     is never overwritten (see the module docstring).
 
@@ -357,18 +358,26 @@ def _file_rows(
 ) -> StoreResult | None:
     """The rows of one store, in one transaction; None when the file name is taken by a store
     that has not committed (``linked`` False and no row)."""
+
+    def repeat(conn: Connection) -> StoreResult | None:
+        existing = conn.execute(
+            _FIND_INSTANCE, {"sop_uid": header.sop_instance_uid}).one_or_none()
+        if existing is None:
+            return None
+        if linked and (existing.sha256 != sha or existing.path != relative):
+            # this link restored the name of a row whose file was gone: not with other
+            # bytes, and not under a name no row describes
+            (spool.root / relative).unlink(missing_ok=True)
+        return _record_repeat(
+            conn, spool=spool, header=header, tmp=tmp, sha=sha, size=size,
+            existing_sha=existing.sha256, existing_path=existing.path,
+            association_id=association_id, message_id=message_id,
+        )
+
     try:
         with write_connection(factory) as conn:
             if not linked:  # the name is taken: a repeat, or a store not yet committed
-                existing = conn.execute(
-                    _FIND_INSTANCE, {"sop_uid": header.sop_instance_uid}).one_or_none()
-                if existing is None:
-                    return None
-                return _record_repeat(
-                    conn, spool=spool, header=header, tmp=tmp, sha=sha, size=size,
-                    existing_sha=existing.sha256, existing_path=existing.path,
-                    association_id=association_id, message_id=message_id,
-                )
+                return repeat(conn)
             # the name was free, so this UID is new unless its row's file is gone: the
             # instance row's unique index decides that (IntegrityError below), not a lookup
             # while the write lock is held
@@ -393,19 +402,10 @@ def _file_rows(
     except IntegrityError:
         # a row for this UID exists (its file was gone, so the link succeeded): a repeat
         with write_connection(factory) as conn:
-            row = conn.execute(
-                _FIND_INSTANCE, {"sop_uid": header.sop_instance_uid}).one_or_none()
-            if row is None:  # another constraint failed: not a repeat
+            result = repeat(conn)
+            if result is None:  # another constraint failed: not a repeat
                 raise
-            if linked and (row.sha256 != sha or row.path != relative):
-                # this link restored the row's name: not with other bytes, and not under a
-                # name no row describes
-                (spool.root / relative).unlink(missing_ok=True)
-            return _record_repeat(
-                conn, spool=spool, header=header, tmp=tmp, sha=sha, size=size,
-                existing_sha=row.sha256, existing_path=row.path,
-                association_id=association_id, message_id=message_id,
-            )
+            return result
 
 
 def _unclaim(factory: sessionmaker[Session], spool: Spool, sop_instance_uid: str,
