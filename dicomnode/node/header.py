@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+
+from dicomnode.dicom.raw import raw_int, raw_numbers, raw_text
 
 __all__ = ["InstanceHeader", "InvalidInstance"]
 
@@ -14,14 +17,22 @@ class InvalidInstance(ValueError):
     """A dataset this node cannot file: the message says which attribute and why."""
 
 
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return tag
+
+
 def _float_list(ds: Dataset, keyword: str, n: int) -> list[float] | None:
-    value = ds.get(keyword)
-    if value is None:
-        return None
-    try:
-        out = [float(v) for v in value]
-    except (TypeError, ValueError):
-        return None
+    out = raw_numbers(ds, _TAGS[keyword])  # plain numbers read without pydicom's conversion
+    if out is None:
+        value = ds.get(keyword)
+        if value is None:
+            return None
+        try:
+            out = [float(v) for v in value]
+        except (TypeError, ValueError):
+            return None
     if not all(math.isfinite(v) for v in out):
         # NaN / Inf geometry: refused the same on every database (PostgreSQL's JSON has no NaN)
         raise InvalidInstance(f"{keyword} holds a value that is not a finite number")
@@ -29,11 +40,19 @@ def _float_list(ds: Dataset, keyword: str, n: int) -> list[float] | None:
 
 
 def _int_or_none(ds: Dataset, keyword: str) -> int | None:
+    plain = raw_int(ds, _TAGS[keyword]) if keyword in _TAGS else None
+    if plain is not None:
+        return plain
     value = ds.get(keyword)
     try:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+_TAGS = {keyword: _tag(keyword) for keyword in (
+    "SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality",
+    "InstanceNumber", "ImagesInAcquisition", "ImagePositionPatient", "ImageOrientationPatient")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +80,8 @@ class InstanceHeader:
             "SeriesInstanceUID",
             "StudyInstanceUID",
         ):
-            value = str(ds.get(keyword, "") or "").strip()
+            text = raw_text(ds, _TAGS[keyword])  # as pydicom reads it, without validation
+            value = (str(ds.get(keyword, "") or "") if text is None else text).strip()
             if not value:
                 raise InvalidInstance(f"{keyword} is missing or empty")
             if len(value) > 64:
@@ -70,14 +90,17 @@ class InstanceHeader:
                 raise InvalidInstance(f"{keyword} holds bytes that no UID can hold")
             values[keyword] = value
         expected = _int_or_none(ds, "ImagesInAcquisition")
-        if ds.get("Modality") == "PT":
+        modality = raw_text(ds, _TAGS["Modality"])
+        if modality is None:
+            modality = ds.get("Modality")
+        if modality == "PT":
             expected = _int_or_none(ds, "NumberOfSlices") or expected
         return cls(
             sop_instance_uid=values["SOPInstanceUID"],
             sop_class_uid=values["SOPClassUID"],
             series_instance_uid=values["SeriesInstanceUID"],
             study_instance_uid=values["StudyInstanceUID"],
-            modality=str(ds.get("Modality", "") or "") or None,
+            modality=str(modality or "") or None,
             patient_id=str(ds.get("PatientID", "") or "") or None,
             instance_number=_int_or_none(ds, "InstanceNumber"),
             position=_float_list(ds, "ImagePositionPatient", 3),

@@ -15,6 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.multival import MultiValue
 
+from dicomnode.dicom.raw import plain_number_vr, raw_us
+
 __all__ = ["MAX_SEQUENCE_ITEMS", "encoding_problem", "integrity_problem", "parse_cost_problem"]
 
 NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
@@ -75,7 +77,10 @@ def _might_be_number(tag: int, elem: object) -> bool:
 
 def _number_problem(ds: Dataset) -> str | None:
     for tag in list(ds.keys()):
-        if tag == 0x7FE00010 or not _might_be_number(tag, ds.get_item(tag)):
+        if tag == 0x7FE00010:
+            continue
+        raw = ds.get_item(tag)
+        if not _might_be_number(tag, raw) or plain_number_vr(tag, raw):
             continue
         elem = ds[tag]
         if elem.VR == "SQ":
@@ -118,16 +123,32 @@ PIXEL_DESCRIPTION = ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit"
                      "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation")
 
 
-def _pixel_module_problem(ds: Dataset) -> str | None:
+# Rows, Columns, BitsAllocated, BitsStored, HighBit, PixelRepresentation, SamplesPerPixel
+_PIXEL_US = (0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280102, 0x00280103,
+             0x00280002)
+_PHOTOMETRIC = 0x00280004
+
+
+def _pixel_description(ds: Dataset) -> tuple[int, ...] | str:
+    """Rows, Columns, BitsAllocated, BitsStored, HighBit, PixelRepresentation and
+    SamplesPerPixel, or the reason they cannot be had."""
+    fast = [raw_us(ds, tag) for tag in _PIXEL_US]
+    photometric = ds.get_item(_PHOTOMETRIC)
+    if None not in fast and isinstance(photometric, RawDataElement) \
+            and (photometric.value or b"").rstrip(b" \0"):
+        return tuple(v for v in fast if v is not None)
     missing = [k for k in PIXEL_DESCRIPTION if ds.get(k) in (None, "")]
     if missing:
         return f"pixel data without {', '.join(missing)}"
     try:
-        rows, columns, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
-        stored, high = int(ds.BitsStored), int(ds.HighBit)
-        samples, representation = int(ds.SamplesPerPixel), int(ds.PixelRepresentation)
+        return (int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated), int(ds.BitsStored),
+                int(ds.HighBit), int(ds.PixelRepresentation), int(ds.SamplesPerPixel))
     except (AttributeError, TypeError, ValueError):
         return "pixel data with a pixel description that is not a number"
+
+
+def _pixel_module_problem(description: tuple[int, ...]) -> str | None:
+    rows, columns, bits, stored, high, representation, samples = description
     if rows <= 0 or columns <= 0 or bits not in (1, 8, 16, 32, 64):
         return f"pixel data with Rows {rows}, Columns {columns}, BitsAllocated {bits}"
     if not 0 < stored <= bits or not stored - 1 <= high < bits:
@@ -176,14 +197,16 @@ def integrity_problem(ds: Dataset, transfer_syntax: str) -> str | None:
                                   "PixelDataProviderURL")):
             return "an image without pixel data (cut before or inside the pixel data element)"
         return None
-    problem = _pixel_module_problem(ds)
+    description = _pixel_description(ds)
+    if isinstance(description, str):
+        return description
+    problem = _pixel_module_problem(description)
     if problem:
         return problem
-    rows, columns, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
-    pixels = ds.PixelData
+    rows, columns, bits, *_, samples = description
     if transfer_syntax in EOI_SYNTAXES or transfer_syntax == RLE:
         try:
-            fragments = list(generate_fragments(pixels))
+            fragments = list(generate_fragments(ds.PixelData))
         except (ValueError, struct.error) as exc:
             return f"encapsulated pixel data cannot be split into fragments: {exc}"
         if not fragments:
@@ -195,9 +218,11 @@ def integrity_problem(ds: Dataset, transfer_syntax: str) -> str | None:
     elif transfer_syntax in NATIVE:
         try:
             frames = int(ds.get("NumberOfFrames") or 1)
-            samples = int(ds.get("SamplesPerPixel", 1))
         except (TypeError, ValueError):
-            return "NumberOfFrames / SamplesPerPixel is not a number"
+            return "NumberOfFrames is not a number"
+        raw = ds.get_item(0x7FE00010)  # its bytes, without pydicom's conversion
+        pixels = raw.value if isinstance(raw, RawDataElement) \
+            and raw.length != 0xFFFFFFFF and raw.value is not None else ds.PixelData
         expected = (rows * columns * samples * frames * bits + 7) // 8
         if len(pixels) < expected:
             return f"pixel data has {len(pixels)} of {expected} bytes (truncated)"
