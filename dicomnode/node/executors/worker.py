@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -261,6 +262,11 @@ def work_loop(
     the node's ``/healthz`` reports the worker ready from then on.
     """
     device = resolve_device(settings.executor.device)
+    # torch and the pipelines' modules, imported by now, live as long as the worker: frozen out
+    # of the cyclic collector, whose full pass over them took 0.13 s of CPU (on a 2-core
+    # machine, CPU the receiving processes wait for; docs/benchmarks.md, "Ingest")
+    gc.collect()
+    gc.freeze()
     if ready is not None:
         ready.set()
     while not stop.is_set():
