@@ -40,7 +40,7 @@ from dicomnode.node.executors import Executor, executor_class
 from dicomnode.node.jobs import reclaim_expired
 from dicomnode.node.metrics import NodeCollector
 from dicomnode.node.push import Pusher
-from dicomnode.node.receive import Receiver, serving
+from dicomnode.node.receive import Receiver, open_listeners, serving
 from dicomnode.node.retention import purge
 from dicomnode.node.schedule import Sweeps, build_scheduler
 from dicomnode.node.spool import Spool
@@ -137,9 +137,10 @@ def _die_with_parent() -> None:
 
 
 def _receiver_process(settings_data: dict[str, Any], index: int, ready: Any,
-                      closed: Any) -> None:
-    """An extra receiving process sharing the port (SO_REUSEPORT); it tells the main process
-    through ``closed`` when an association ends, so completion acts at once there too."""
+                      closed: Any, shared: list[socket.socket]) -> None:
+    """An extra receiving process accepting on the main process's listening sockets; it
+    tells the main process through ``closed`` when an association ends, so completion acts at
+    once there too."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s recv-{index} %(message)s")
     _die_with_parent()
     settings = Settings.model_validate(settings_data)
@@ -150,7 +151,7 @@ def _receiver_process(settings_data: dict[str, Any], index: int, ready: Any,
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
-    with serving(receiver, settings, reuse_port=True):
+    with serving(receiver, settings, shared=shared):
         ready.release()
         done.wait()
     engine.dispose()
@@ -309,9 +310,9 @@ class Node:
         self.executor.start()
         self.scheduler.start()
         count = self.settings.node.receive_process_count
-        reuse = count > 1
+        shared = open_listeners(self.settings) if count > 1 else None
         closed = None
-        if reuse:
+        if shared:
             ctx = mp.get_context("spawn")
             data = self.settings.model_dump(mode="json")
             ready = ctx.Semaphore(0)
@@ -319,8 +320,8 @@ class Node:
             threading.Thread(target=self._forward_closes, args=(closed,), daemon=True,
                              name="dicomnode-closes").start()
             for i in range(1, count):
-                proc = ctx.Process(target=_receiver_process, args=(data, i, ready, closed),
-                                   daemon=True)
+                proc = ctx.Process(target=_receiver_process,
+                                   args=(data, i, ready, closed, shared), daemon=True)
                 proc.start()
                 self._extra_receivers.append(proc)
             for _ in self._extra_receivers:  # report "listening" only when all of them are
@@ -331,7 +332,7 @@ class Node:
             host=http.host, port=http.port, factory=self.factory, registry=self.registry,
             health=self.health, ae_title=self.settings.node.ae_title).start()
         try:
-            with serving(self.receiver, self.settings, reuse_port=reuse) as servers:
+            with serving(self.receiver, self.settings, shared=shared) as servers:
                 self._servers = servers
                 log.info("dicomnode %s listening on %s:%s as %s", __version__,
                          self.settings.node.host, self.settings.node.port,

@@ -87,9 +87,9 @@ class NodeSettings(_Model):
     port: int = Field(default=11112, ge=1, le=65535, description="TCP port to listen on.")
     receive_processes: int | Literal["auto"] = Field(
         default="auto",
-        description="Receiving processes sharing the port (SO_REUSEPORT), so that parallel "
-        "associations do not share one interpreter lock; 'auto': one per core, at least 4 "
-        "and at most 16.",
+        description="Receiving processes accepting on the node's listening socket, so that "
+        "parallel associations do not share one interpreter lock; 'auto': one per core, at "
+        "least 4 and at most 16.",
     )
 
     @field_validator("receive_processes")

@@ -105,23 +105,38 @@ class Status:
 
 
 class NodeServer(ThreadedAssociationServer):
-    """The association server: optionally shares its port with sibling processes
-    (SO_REUSEPORT), and does the TLS handshake in the connection's own thread (pynetdicom does
-    it in the accept loop, where one slow or plain-TCP peer would stall every other), handing
-    a failed handshake to ``on_tls_refused`` before closing the connection."""
+    """The association server: optionally accepts on a listening socket shared with sibling
+    receiving processes (see :func:`open_listeners`), and does the TLS handshake in the
+    connection's own thread (pynetdicom does it in the accept loop, where one slow or plain-TCP
+    peer would stall every other), handing a failed handshake to ``on_tls_refused`` before
+    closing the connection."""
 
-    reuse_port = False
+    shared_socket: socket.socket | None = None
     on_tls_refused: Callable[[str, int, str], None] | None = None
 
     def server_bind(self) -> None:  # noqa: D102
+        if self.shared_socket is None:
+            super().server_bind()
+            return
         assert self.socket is not None
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.socket.close()  # the one socketserver made: the shared one is already listening
+        self.socket = self.shared_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:  # noqa: D102
+        if self.shared_socket is None:
+            super().server_activate()
+
+    def server_close(self) -> None:  # noqa: D102
+        if self.shared_socket is None:
+            super().server_close()
+            return
+        assert self.socket is not None
+        self.socket.close()  # not shutdown(): that would stop the siblings' listening too
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:  # noqa: D102
         assert self.socket is not None
-        client, address = self.socket.accept()
+        client, address = self.socket.accept()  # BlockingIOError: a sibling took it
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True,
                                                   do_handshake_on_connect=False)
@@ -143,10 +158,21 @@ class NodeServer(ThreadedAssociationServer):
         super().finish_request(request, client_address)
 
 
-class ReusePortNodeServer(NodeServer):
-    """A :class:`NodeServer` sharing its port with sibling receiving processes."""
-
-    reuse_port = True
+def open_listeners(settings: Settings) -> list[socket.socket]:
+    """The node's listening sockets (one per :func:`listeners` entry), for the receiving
+    processes to share: each waits for connections on the same socket and, woken together,
+    the first to run accepts (the others' non-blocking ``accept`` finds nothing). A process
+    busy with an association needs its interpreter lock back first, so an idle one usually
+    wins, where SO_REUSEPORT's hash of the peer's port put two of four parallel associations
+    on one process most of the time (docs/benchmarks.md, "Ingest")."""
+    sockets = []
+    for port, _context in listeners(settings):
+        # SO_REUSEPORT still, so that a node restarted at once after kill -9 can listen while
+        # its old receiving processes are still dying with their copy of the old socket
+        sock = socket.create_server((settings.node.host, port), backlog=128, reuse_port=True)
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
 
 
 @dataclass
@@ -488,7 +514,7 @@ def listeners(settings: Settings) -> list[tuple[int, ssl.SSLContext | None]]:
 
 @contextlib.contextmanager
 def serving(
-    receiver: Receiver, settings: Settings, *, reuse_port: bool = False
+    receiver: Receiver, settings: Settings, *, shared: list[socket.socket] | None = None
 ) -> Iterator[list[ThreadedAssociationServer]]:
     """Run the SCP in background threads (one server per listener: plain and/or TLS); on exit
     stop accepting and let in-flight stores end.
@@ -499,15 +525,16 @@ def serving(
         The bound handlers.
     settings
         Address and AE title.
-    reuse_port
-        Bind with SO_REUSEPORT so several processes share the port.
+    shared
+        Listening sockets from :func:`open_listeners`, shared with sibling processes.
     """
     ae = make_receiver_ae(settings)
     servers = []
-    for port, context in listeners(settings):
+    for i, (port, context) in enumerate(listeners(settings)):
+        server_class = NodeServer if shared is None else type(
+            "SharedNodeServer", (NodeServer,), {"shared_socket": shared[i]})
         server = ae.make_server((settings.node.host, port), evt_handlers=receiver.handlers(),
-                                ssl_context=context,
-                                server_class=ReusePortNodeServer if reuse_port else NodeServer,
+                                ssl_context=context, server_class=server_class,
                                 request_handler=(FastRequestHandler if settings.node.event_driven
                                                  else RequestHandler))
         server.on_tls_refused = receiver.on_tls_refused  # type: ignore[attr-defined]
