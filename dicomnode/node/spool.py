@@ -54,6 +54,7 @@ from dicomnode.audit.events import AuditEventID, Outcome, patient_key, record_ev
 from dicomnode.audit.models import Instance, InstanceReceipt, Series, SeriesState, utcnow
 from dicomnode.files import fsync_dir
 from dicomnode.node.header import InstanceHeader
+from dicomnode.node.rows import file_new_rows
 
 __all__ = ["PendingWrite", "Spool", "StoreAction", "store_instance"]
 
@@ -374,31 +375,37 @@ def _file_rows(
             association_id=association_id, message_id=message_id,
         )
 
+    now = utcnow()
+    instance_row = dict(
+        sop_instance_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
+        transfer_syntax_uid=transfer_syntax_uid, calling_ae=calling_ae,
+        association_id=association_id, bytes=size, sha256=sha, path=relative,
+        instance_number=header.instance_number, position=header.position,
+        orientation=header.orientation, received_at=now)
+    receipt_row = dict(
+        association_id=association_id, message_id=message_id,
+        sop_instance_uid=header.sop_instance_uid, sha256=sha, bytes=size,
+        action=StoreAction.CREATE.value, dimse_status=0, received_at=now)
+    created = StoreResult(action=StoreAction.CREATE, sha256=sha, path=relative)
+    # the name was free, so this UID is new unless its row's file is gone: the instance row's
+    # unique index decides that (IntegrityError), not a lookup while the write lock is held
+    if linked and file_new_rows(
+            factory.kw["bind"], count=_COUNT_INTO_SERIES, instance=_INSERT_INSTANCE,
+            receipt=_INSERT_RECEIPT, series_uid=header.series_instance_uid, now=now,
+            association_id=association_id, expected_count=header.expected_count,
+            instance_row=instance_row, receipt_row=receipt_row):
+        return created  # SQLite, a series receiving: on the DB-API cursor (node/rows.py)
     try:
         with write_connection(factory) as conn:
             if not linked:  # the name is taken: a repeat, or a store not yet committed
                 return repeat(conn)
-            # the name was free, so this UID is new unless its row's file is gone: the
-            # instance row's unique index decides that (IntegrityError below), not a lookup
-            # while the write lock is held
-            now = utcnow()
             series_id = _upsert_series(
                 conn, header=header, calling_ae=calling_ae,
                 association_id=association_id, patient_secret=patient_secret, now=now,
             )
-            conn.execute(_INSERT_INSTANCE, dict(
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid, series_id=series_id,
-                transfer_syntax_uid=transfer_syntax_uid, calling_ae=calling_ae,
-                association_id=association_id, bytes=size, sha256=sha,
-                path=relative, instance_number=header.instance_number,
-                position=header.position, orientation=header.orientation,
-                received_at=now))
-            conn.execute(_INSERT_RECEIPT, dict(
-                association_id=association_id, message_id=message_id,
-                sop_instance_uid=header.sop_instance_uid, sha256=sha, bytes=size,
-                action=StoreAction.CREATE.value, dimse_status=0, received_at=now))
-            return StoreResult(action=StoreAction.CREATE, sha256=sha, path=relative)
+            conn.execute(_INSERT_INSTANCE, {**instance_row, "series_id": series_id})
+            conn.execute(_INSERT_RECEIPT, receipt_row)
+            return created
     except IntegrityError:
         # a row for this UID exists (its file was gone, so the link succeeded): a repeat
         with write_connection(factory) as conn:
