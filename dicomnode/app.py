@@ -14,6 +14,7 @@ import secrets
 import signal
 import socket
 import threading
+import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,26 @@ def _die_with_parent() -> None:
         os._exit(0)
 
 
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``, from a watcher thread. The handlers only note the
+    signal: a handler that set the event itself deadlocked when a second signal came while the
+    first held the event's lock, and a receiving process orphaned by kill -9 (which ends it
+    with SIGTERM) then lived on, holding the port."""
+    received: list[int] = []
+
+    def note(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    def watch() -> None:
+        while not received:
+            time.sleep(0.1)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, note)
+    signal.signal(signal.SIGINT, note)
+    threading.Thread(target=watch, daemon=True, name="dicomnode-signals").start()
+
+
 def _receiver_process(settings_data: dict[str, Any], index: int, ready: Any,
                       closed: Any, shared: list[socket.socket]) -> None:
     """An extra receiving process accepting on the main process's listening sockets; it
@@ -149,8 +170,7 @@ def _receiver_process(settings_data: dict[str, Any], index: int, ready: Any,
                         patient_secret=patient_secret(settings),
                         on_association_closed=lambda: closed.put(index))
     done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
+    stop_on_signals(done)
     with serving(receiver, settings, shared=shared):
         ready.release()
         done.wait()

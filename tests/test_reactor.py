@@ -4,6 +4,13 @@ written without pydicom, the integrity checks that convert only what they check.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -257,3 +264,64 @@ def test_stores_are_served_on_the_dul_thread_after_the_accept_handlers_with_each
     # the first request can arrive while the accept handler sleeps: pynetdicom's thread
     # serves it then; all the others are served on the DUL thread unless the path is off
     assert on_dul[1:] == [not watched] * 3
+
+
+def test_an_extra_receiving_process_ends_with_the_main_one_and_frees_the_port(
+        make_node) -> None:
+    """kill -9 of the main process: its extra receiving process gets SIGTERM (PDEATHSIG), here
+    with four more in a row, and ends, and nothing listens on the node's port any more (the
+    main process's listening socket is shared with it)."""
+    node = make_node(node={"receive_processes": 2})
+    assert node.proc is not None
+    listening = subprocess.run(["ss", "-Hltnp", f"sport = :{node.port}"], capture_output=True,
+                               text=True, check=True).stdout
+    pids = {int(p) for p in re.findall(r"pid=(\d+)", listening)}
+    extra = pids - {node.proc.pid}
+    assert len(extra) == 1, listening
+    (pid,) = extra
+    node.kill9()
+    for _ in range(4):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+    def running() -> bool:  # a zombie (reaped by nobody yet) has ended
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return False
+
+    deadline = time.monotonic() + 20
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not running(), "the orphaned receiving process is still running"
+    with socket.socket() as s:  # nobody listens on the port any more
+        s.bind(("127.0.0.1", node.port))
+
+
+def test_a_signal_inside_the_stop_handler_does_not_deadlock_it() -> None:
+    """The stop handler only notes the signal; a watcher thread sets the event. The old
+    handler set the event itself, so a second signal arriving while the first handler held
+    the event's lock deadlocked the process (found as receiving processes orphaned by kill -9
+    that never ended). Here the handler runs while its own thread holds that lock."""
+    import threading
+
+    from dicomnode.app import stop_on_signals
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop = threading.Event()
+    try:
+        stop_on_signals(stop)
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+
+        def nested() -> None:
+            with stop._cond:  # noqa: SLF001 - as if a first handler were inside set()
+                handler(signal.SIGTERM, None)
+
+        inner = threading.Thread(target=nested, daemon=True)
+        inner.start()
+        inner.join(timeout=5)
+        assert not inner.is_alive(), "the handler blocked on the event's lock"
+        assert stop.wait(timeout=5)
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 import threading
 from collections import Counter
@@ -78,7 +77,7 @@ def db_upgrade(config_path: Path | None, revision: str) -> None:
 @CONFIG_OPTION
 def serve(config_path: Path | None) -> None:
     """Run the node until SIGTERM / SIGINT (stop accepting, finish in-flight work, exit)."""
-    from dicomnode.app import Node, config_sha256
+    from dicomnode.app import Node, config_sha256, stop_on_signals
 
     logging.getLogger().setLevel(logging.INFO)
     settings = load_or_exit(config_path)
@@ -90,8 +89,7 @@ def serve(config_path: Path | None) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop_on_signals(stop)
     node.run(stop)
 
 
