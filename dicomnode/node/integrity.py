@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import cast
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
@@ -123,10 +124,11 @@ PIXEL_DESCRIPTION = ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit"
                      "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation")
 
 
-# Rows, Columns, BitsAllocated, BitsStored, HighBit, PixelRepresentation, SamplesPerPixel
-_PIXEL_US = (0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280102, 0x00280103,
-             0x00280002)
-_PHOTOMETRIC = 0x00280004
+# the US elements of PIXEL_DESCRIPTION, in the order _pixel_description returns them
+_PIXEL_US = tuple(cast(int, tag_for_keyword(k)) for k in (
+    "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "SamplesPerPixel"))
+_PHOTOMETRIC = cast(int, tag_for_keyword("PhotometricInterpretation"))
 
 
 def _pixel_description(ds: Dataset) -> tuple[int, ...] | str:
