@@ -290,29 +290,33 @@ def job_push_rounds(work: Path, *, rounds: int = 6, seed: int = 7,
     try:
         for i in range(rounds):
             folder = work / f"series{i}"
-            files = write_phantom_ct(folder, slices=32, size=128)
+            # a job round's series is large enough that its job outlasts the kill and the
+            # worker's next heartbeat (lease_s / 4), which is when it notices the node is gone
+            files = (write_phantom_ct(folder, slices=96, size=256) if i % 2 == 0
+                     else write_phantom_ct(folder, slices=32, size=128))
             series_uids.append(str(pydicom.dcmread(files[0], stop_before_pixels=True)
                                    .SeriesInstanceUID))
             pacs.in_flight.clear()
             if storescu(folder, node.port).returncode != 0:
                 raise RuntimeError(f"round {i}: the node refused the series")
+
+            def running() -> int:
+                with node.session() as s:
+                    return len(s.execute(select(Job.id).where(
+                        Job.status == JobStatus.RUNNING)).all())
             if i % 2 == 0:  # while the job runs
-                def running() -> bool:
-                    with node.session() as s:
-                        return s.execute(select(Job.id).where(
-                            Job.status == JobStatus.RUNNING)).first() is not None
                 _until(running, 120, f"round {i}: job running")
                 time.sleep(rng.uniform(0.0, 0.4))  # early in the job: its worker must not finish it first
-                with node.session() as s:
-                    still = s.execute(select(Job.id).where(
-                        Job.status == JobStatus.RUNNING)).first() is not None
+                still = running()
                 node.kill9()
                 hits["job" if still else "job-finished-before-kill"] += 1
-            else:  # while the PACS holds a C-STORE of this round's result
+            else:  # while the PACS holds a C-STORE of a result (a job may run meanwhile)
                 _until(pacs.in_flight.is_set, 120, f"round {i}: push in flight")
                 time.sleep(rng.uniform(0.0, pacs.delay_s * 0.8))
+                still = running()
                 node.kill9()
                 hits["push"] += 1
+            hits["running_jobs_killed"] += still
             node.start()
 
         def settled() -> bool:

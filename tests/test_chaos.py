@@ -41,9 +41,9 @@ def test_kill9_during_jobs_and_pushes_delivers_each_result_once(db_url: str,
     assert result["jobs"] == result["series"] == 4
     assert result["jobs_per_series_max"] == 1 and result["jobs_succeeded"] == 4
     # a job killed mid-run is re-run after its lease is reclaimed, unless its worker finished
-    # it before its next heartbeat noticed the node was gone (lease_s / 4 = 0.75 s here; on a
-    # fast machine the last kill can land that close to the end): either way, once
-    assert 1 <= result["jobs_reclaimed"] <= result["kills"].get("job", 0)
+    # it before its next heartbeat noticed the node was gone (lease_s / 4 = 0.75 s here); a
+    # push round's kill can land on a later series' running job too: each re-run once
+    assert 1 <= result["jobs_reclaimed"] <= result["kills"]["running_jobs_killed"]
     assert result["job_attempts"] == 4 + result["jobs_reclaimed"]
     assert result["results_not_delivered"] == 0
     assert result["duplicate_results"] == 0  # no killed attempt's result reached the PACS
