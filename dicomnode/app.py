@@ -157,6 +157,19 @@ def stop_on_signals(stop: threading.Event) -> None:
     threading.Thread(target=watch, daemon=True, name="dicomnode-signals").start()
 
 
+def wait_until_set(stop: threading.Event) -> None:
+    """Block the main thread until ``stop`` is set, waking every 0.2 s.
+
+    A signal sent to the process runs its Python handler in the main thread, at its next
+    bytecode. The kernel hands the signal to another thread when the main one already has a
+    signal pending, and a main thread blocked in ``Event.wait()`` without a timeout is then
+    never woken: the node ignored SIGTERM (found as a node that did not stop within 60 s in
+    ``bench.ingest``; ``tests/test_reactor.py`` sends SIGTERM to a thread that is not the main
+    one)."""
+    while not stop.wait(0.2):
+        pass
+
+
 def _receiver_process(settings_data: dict[str, Any], index: int, ready: Any,
                       closed: Any, shared: list[socket.socket]) -> None:
     """An extra receiving process accepting on the main process's listening sockets; it
@@ -173,7 +186,7 @@ def _receiver_process(settings_data: dict[str, Any], index: int, ready: Any,
     stop_on_signals(done)
     with serving(receiver, settings, shared=shared):
         ready.release()
-        done.wait()
+        wait_until_set(done)
     engine.dispose()
 
 
@@ -364,7 +377,7 @@ class Node:
                       + (f"; TLS on port {tls.port}" if tls and tls.port else "")
                       + (f"; status page http://{http.host}:{ops.port}/" if ops else ""),
                       flush=True)
-                stop.wait()
+                wait_until_set(stop)
         finally:
             self._servers = []
             if ops is not None:

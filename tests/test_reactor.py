@@ -325,3 +325,42 @@ def test_a_signal_inside_the_stop_handler_does_not_deadlock_it() -> None:
     finally:
         for sig, previous in saved.items():
             signal.signal(sig, previous)
+
+
+_TGKILL = {"x86_64": 234, "aarch64": 131}  # the tgkill system call's number
+
+
+@pytest.mark.skipif(os.uname().machine not in _TGKILL, reason="tgkill number unknown here")
+def test_sigterm_handed_to_a_thread_that_is_not_the_main_one_still_stops_the_node(
+        make_node) -> None:
+    """The kernel hands a process's signal to another thread when the main one already has
+    one pending; Python runs the handler in the main thread at its next bytecode, so a main
+    thread blocked in ``Event.wait()`` without a timeout never saw it (a node in bench.ingest
+    ignored SIGTERM for 60 s). Here SIGTERM goes to one thread of the main process that is
+    not the main thread, and to one of its extra receiving process: both end."""
+    import ctypes
+
+    node = make_node(node={"receive_processes": 2})
+    assert node.proc is not None
+    listening = subprocess.run(["ss", "-Hltnp", f"sport = :{node.port}"], capture_output=True,
+                               text=True, check=True).stdout
+    (extra,) = {int(p) for p in re.findall(r"pid=(\d+)", listening)} - {node.proc.pid}
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def tgkill_other_thread(pid: int) -> None:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+        assert tids, f"process {pid} has no thread but its main one"
+        assert libc.syscall(_TGKILL[os.uname().machine], pid, tids[-1], signal.SIGTERM) == 0
+
+    tgkill_other_thread(extra)
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{extra}").exists() and time.monotonic() < deadline:
+        with contextlib.suppress(OSError), open(f"/proc/{extra}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        assert not Path(f"/proc/{extra}").exists(), "the receiving process ignored SIGTERM"
+    tgkill_other_thread(node.proc.pid)
+    assert node.proc.wait(timeout=20) == 0
+
