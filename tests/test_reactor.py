@@ -114,7 +114,17 @@ def test_every_released_association_completes_its_series_at_once(
         with node.session() as s:
             return s.execute(select(Series).where(Series.completed_at.is_(None))).first() is None
 
-    wait_for(all_complete, timeout=10, interval=0.2)
+    try:
+        wait_for(all_complete, timeout=10, interval=0.2)
+    except AssertionError:
+        with node.session() as s:  # what a failure needs to be understood
+            open_series = [(r.series_instance_uid[-12:], r.state, r.instance_count)
+                           for r in s.execute(select(Series).where(
+                               Series.completed_at.is_(None))).scalars()]
+            assocs = [(a.id, a.end_reason, a.ended_at) for a in s.execute(
+                select(Association).where(Association.direction == "in")).scalars()]
+        raise AssertionError(f"not complete after 10 s: {open_series}; associations {assocs}; "
+                             f"log tail: {node.log_path.read_text()[-3000:]}") from None
     with node.session() as s:
         reasons = s.execute(select(Association.end_reason).where(
             Association.direction == "in")).scalars().all()
@@ -122,8 +132,16 @@ def test_every_released_association_completes_its_series_at_once(
         assert len(s.execute(select(Instance)).all()) == 48
         for series in s.execute(select(Series)).scalars():
             assert series.completion_reason.startswith("sender association closed")
-    served_by_second = node.log_path.read_text().count("recv-1 Accepting Association")
-    assert served_by_second > 0  # the processes take turns on the shared listening socket
+    # the processes take turns on the shared listening socket: whichever is idle and runs
+    # first accepts, so twelve associations in a row can all go to one of them (about one run
+    # in fifteen here); more are sent until the second has served one
+    for extra in range(36):
+        if "recv-1 Accepting Association" in node.log_path.read_text():
+            break
+        write_phantom_ct(tmp_path / f"x{extra}", slices=1, size=16)
+        assert storescu(tmp_path / f"x{extra}", node.port).returncode == 0
+    assert "recv-1 Accepting Association" in node.log_path.read_text(), \
+        "48 associations, none accepted by the second receiving process"
 
 
 def test_files_written_while_checking_are_deleted_when_the_instance_is_refused(
