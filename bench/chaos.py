@@ -287,6 +287,11 @@ def job_push_rounds(work: Path, *, rounds: int = 6, seed: int = 7,
     node = Node(work / "node", config).start()
     series_uids: list[str] = []
     hits: Counter[str] = Counter()
+
+    def running() -> int:
+        with node.session() as s:
+            return len(s.execute(select(Job.id).where(
+                Job.status == JobStatus.RUNNING)).all())
     try:
         for i in range(rounds):
             folder = work / f"series{i}"
@@ -299,11 +304,6 @@ def job_push_rounds(work: Path, *, rounds: int = 6, seed: int = 7,
             pacs.in_flight.clear()
             if storescu(folder, node.port).returncode != 0:
                 raise RuntimeError(f"round {i}: the node refused the series")
-
-            def running() -> int:
-                with node.session() as s:
-                    return len(s.execute(select(Job.id).where(
-                        Job.status == JobStatus.RUNNING)).all())
             if i % 2 == 0:  # while the job runs
                 _until(running, 120, f"round {i}: job running")
                 time.sleep(rng.uniform(0.0, 0.4))  # early in the job: its worker must not finish it first

@@ -284,33 +284,42 @@ def test_stores_are_served_on_the_dul_thread_after_the_accept_handlers_with_each
     assert on_dul[1:] == [not watched] * 3
 
 
+def _extra_receiver(node) -> int:  # noqa: ANN001
+    """The pid of a two-process node's extra receiving process (it listens on the port too)."""
+    assert node.proc is not None
+    listening = subprocess.run(["ss", "-Hltnp", f"sport = :{node.port}"], capture_output=True,
+                               text=True, check=True).stdout
+    extra = {int(p) for p in re.findall(r"pid=(\d+)", listening)} - {node.proc.pid}
+    assert len(extra) == 1, listening
+    return extra.pop()
+
+
+def _still_running(pid: int, timeout: float) -> bool:
+    """Whether ``pid`` still runs after up to ``timeout`` s (a zombie, reaped by nobody yet,
+    has ended)."""
+    def running() -> bool:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return False
+
+    deadline = time.monotonic() + timeout
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return running()
+
+
 def test_an_extra_receiving_process_ends_with_the_main_one_and_frees_the_port(
         make_node) -> None:
     """kill -9 of the main process: its extra receiving process gets SIGTERM (PDEATHSIG), here
     with four more in a row, and ends, and nothing listens on the node's port any more (the
     main process's listening socket is shared with it)."""
     node = make_node(node={"receive_processes": 2})
-    assert node.proc is not None
-    listening = subprocess.run(["ss", "-Hltnp", f"sport = :{node.port}"], capture_output=True,
-                               text=True, check=True).stdout
-    pids = {int(p) for p in re.findall(r"pid=(\d+)", listening)}
-    extra = pids - {node.proc.pid}
-    assert len(extra) == 1, listening
-    (pid,) = extra
+    pid = _extra_receiver(node)
     node.kill9()
     for _ in range(4):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-
-    def running() -> bool:  # a zombie (reaped by nobody yet) has ended
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-        return False
-
-    deadline = time.monotonic() + 20
-    while running() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not running(), "the orphaned receiving process is still running"
+    assert not _still_running(pid, 20), "the orphaned receiving process is still running"
     with socket.socket() as s:  # nobody listens on the port any more
         s.bind(("127.0.0.1", node.port))
 
@@ -360,9 +369,7 @@ def test_sigterm_handed_to_a_thread_that_is_not_the_main_one_still_stops_the_nod
 
     node = make_node(node={"receive_processes": 2})
     assert node.proc is not None
-    listening = subprocess.run(["ss", "-Hltnp", f"sport = :{node.port}"], capture_output=True,
-                               text=True, check=True).stdout
-    (extra,) = {int(p) for p in re.findall(r"pid=(\d+)", listening)} - {node.proc.pid}
+    extra = _extra_receiver(node)
     libc = ctypes.CDLL(None, use_errno=True)
 
     def tgkill_other_thread(pid: int) -> None:
@@ -371,14 +378,7 @@ def test_sigterm_handed_to_a_thread_that_is_not_the_main_one_still_stops_the_nod
         assert libc.syscall(_TGKILL[os.uname().machine], pid, tids[-1], signal.SIGTERM) == 0
 
     tgkill_other_thread(extra)
-    deadline = time.monotonic() + 20
-    while Path(f"/proc/{extra}").exists() and time.monotonic() < deadline:
-        with contextlib.suppress(OSError), open(f"/proc/{extra}/stat") as fh:
-            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
-                break
-        time.sleep(0.1)
-    else:
-        assert not Path(f"/proc/{extra}").exists(), "the receiving process ignored SIGTERM"
+    assert not _still_running(extra, 20), "the receiving process ignored SIGTERM"
     tgkill_other_thread(node.proc.pid)
     assert node.proc.wait(timeout=20) == 0
 
